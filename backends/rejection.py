@@ -1,0 +1,124 @@
+"""Rejection sampling: exact samples of p* from proposals x ~ q.
+
+Accepts x with probability exp(log w(x) − M), where w = p̃/q and M ≥ max log w. With the
+prior as proposal and only tilts and hard constraints, M is the sum of the rewards'
+declared upper bounds (hard constraints alone give M = 0: plain filtering); pass
+``bound=M`` otherwise. The acceptance rate implies log Ẑ = M + log(rate).
+
+    kl.infer(kl.prior(lm) * kl.exp(kl.sentiment / 0.5) | ~kl.curse, engine="rejection", n=32)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from kldsl import weights
+from kldsl.errors import KldslInferenceError
+from kldsl.graph import Condition, Power, Prior, Tilt
+from kldsl.infer import Engine
+from kldsl.progress import bar
+from kldsl.samples import Samples, proposal_means
+from kldsl.target import Draw, Target
+
+
+def log_bound(target: Target) -> tuple[float | None, str]:
+    """An upper bound M on log w derived from the model, or None with the reason."""
+    if target.proposal is not target.lm:
+        return None, "the proposal is not the prior, so log w has no known bound"
+    total = 0.0
+    for f in target.model.factors():
+        if isinstance(f, Tilt):
+            hi = f.reward.bounds()[1]
+            if math.isinf(hi):
+                leaves = ", ".join(f"`{leaf}`" for leaf in f.reward.leaves())
+                return None, f"the reward `{f.reward}` has no upper bound (leaves: {leaves})"
+            total += hi
+        elif isinstance(f, Power) and f.prior is target.base and f.alpha < 1:
+            return None, f"tempering the base prior by α = {f.alpha} < 1 makes log w unbounded"
+        elif not isinstance(f, Prior | Power | Condition):
+            return None, f"no bound is known for the factor `{f}`"
+    return total, ""
+
+
+def run(
+    target: Target,
+    *,
+    n: int,
+    generator: torch.Generator,
+    batch_size: int,
+    progress: bool | None,
+    bound: float | None = None,
+    max_proposals: int | None = None,
+) -> Samples:
+    if bound is None:
+        bound, why = log_bound(target)
+        if bound is None:
+            raise KldslInferenceError(
+                f"rejection sampling needs a bound M ≥ max log w, and {why}; pass bound=M "
+                "(declare reward bounds with @kl.reward(bounds=(lo, hi))), or use the "
+                "importance or qrs engine"
+            )
+    max_proposals = max_proposals or 1000 * n
+    accepted: list[Draw] = []
+    draws: list[Draw] = []
+    n_accepted = tried = 0
+    with bar(n, "rejection", progress) as pbar:
+        while n_accepted < n and tried < max_proposals:
+            size = min(batch_size, max_proposals - tried)
+            draw = target.draw(size, generator)
+            tried += size
+            log_w = draw.log_w
+            if (log_w > bound + 1e-6).any():
+                i = int(log_w.argmax())
+                raise KldslInferenceError(
+                    f"log w = {float(log_w[i]):.4f} exceeds the bound M = {bound:.4f} on the "
+                    f"sample {draw.texts[i]!r}; a declared reward bound is wrong, or pass a "
+                    "larger bound="
+                )
+            u = torch.rand(size, generator=generator, dtype=torch.float64)
+            keep = (torch.log(u) < log_w - bound).nonzero().flatten().tolist()
+            keep = keep[: n - n_accepted]
+            draws.append(draw)
+            if keep:
+                accepted.append(draw.select(keep))
+                n_accepted += len(keep)
+            pbar.update(len(keep))
+            pbar.set_postfix(tried=tried, rate=f"{n_accepted / tried:.3g}")
+    if n_accepted == 0:
+        raise target.no_support_error(tried)
+    if n_accepted < n:
+        warnings.warn(
+            f"rejection sampling stopped at max_proposals={max_proposals}: {n_accepted} of {n} "
+            "samples accepted; raise max_proposals or use a better proposal",
+            stacklevel=2,
+        )
+    everything = Draw.concat(draws)
+    rate = n_accepted / tried
+    log_w_all = everything.log_w
+    return Samples.from_draw(
+        "rejection",
+        target.model,
+        Draw.concat(accepted),
+        torch.zeros(n_accepted, dtype=torch.float64),
+        log_z=bound + math.log(rate),
+        log_z_se=math.sqrt((1 - rate) / (tried * rate)),
+        n_proposed=tried,
+        proposal_means=proposal_means(everything),
+        acceptance_rate=rate,
+        divergences={},
+        info={
+            "bound": bound,
+            "log_z_importance": float(weights.log_z(log_w_all)),
+            "proposal": target.proposal.name,
+        },
+    )
+
+
+engine = Engine(
+    "rejection",
+    "exact samples by rejection from the prior (or a proposal with a known bound M)",
+    run,
+)

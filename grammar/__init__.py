@@ -1,0 +1,1 @@
+"""The text grammar of kldsl (``kldsl.lark``), shipped as package data."""

@@ -1,0 +1,197 @@
+"""Built-in rewards, constraints and LM names, usable from Python and from .kl text.
+
+Rewards: ``sentiment`` (VADER compound score in [-1, 1]), ``offensive``
+(alt-profanity-check probability in [0, 1]), ``length`` (number of words),
+``reward_model(path, label=...)`` (log-probability of a label under a local sequence
+classifier). Constraints: ``curse`` (better-profanity word list), ``contains(w)``,
+``regex(p)``.
+
+Example:
+    >>> from kldsl.builtins import sentiment, contains
+    >>> [round(v, 2) for v in sentiment(["I love it", "I hate it"]).tolist()]
+    [0.64, -0.57]
+    >>> contains("Paris")(["Paris in May", "Rome"]).tolist()
+    [True, False]
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kldsl.errors import KldslModelLoadError, KldslTypeError
+from kldsl.graph import Constraint, Reward
+
+
+@functools.cache
+def _vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def _sentiment(texts: list[str]) -> list[float]:
+    analyzer = _vader()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def _offensive(texts: list[str]) -> list[float]:
+    from profanity_check import predict_prob
+
+    return [float(p) for p in predict_prob(list(texts))] if texts else []
+
+
+def _length(texts: list[str]) -> list[float]:
+    return [float(len(t.split())) for t in texts]
+
+
+@functools.cache
+def _profanity() -> Any:
+    from better_profanity import profanity
+
+    profanity.load_censor_words()
+    return profanity
+
+
+def _curse(texts: list[str]) -> list[bool]:
+    checker = _profanity()
+    return [checker.contains_profanity(t) for t in texts]
+
+
+sentiment = Reward(
+    name="sentiment",
+    fn=_sentiment,
+    key=("builtin", "sentiment", (), ()),
+    lo=-1.0,
+    hi=1.0,
+    doc="VADER compound sentiment score in [-1, 1]",
+)
+offensive = Reward(
+    name="offensive",
+    fn=_offensive,
+    key=("builtin", "offensive", (), ()),
+    lo=0.0,
+    hi=1.0,
+    doc="probability that the text is offensive (alt-profanity-check), in [0, 1]",
+)
+length = Reward(
+    name="length",
+    fn=_length,
+    key=("builtin", "length", (), ()),
+    lo=0.0,
+    doc="number of whitespace-separated words",
+)
+curse = Constraint(
+    name="curse",
+    fn=_curse,
+    key=("builtin", "curse", (), ()),
+    closed="upward",
+    doc="the text holds a word of better-profanity's curse list",
+)
+
+
+def contains(word: str) -> Constraint:
+    """The text contains ``word`` (case-sensitive substring)."""
+    if not isinstance(word, str) or not word:
+        raise KldslTypeError(
+            f'contains() takes a non-empty string, e.g. contains("Paris"); got {word!r}'
+        )
+    return Constraint(
+        name="contains",
+        fn=lambda texts: [word in t for t in texts],
+        key=("builtin", "contains", (word,), ()),
+        args=(word,),
+        closed="upward",
+        doc=f"the text contains {word!r}",
+    )
+
+
+def regex(pattern: str) -> Constraint:
+    """The text matches the regular expression ``pattern`` somewhere (``re.search``)."""
+    if not isinstance(pattern, str):
+        raise KldslTypeError(f"regex() takes a pattern string; got {pattern!r}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise KldslTypeError(
+            f"regex({pattern!r}) is not a valid regular expression: {err}"
+        ) from err
+    return Constraint(
+        name="regex",
+        fn=lambda texts: [compiled.search(t) is not None for t in texts],
+        key=("builtin", "regex", (pattern,), ()),
+        args=(pattern,),
+        doc=f"the text matches /{pattern}/",
+    )
+
+
+@functools.cache
+def _classifier(path: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    except Exception as err:
+        raise KldslModelLoadError(
+            f"reward_model({path!r}): could not load a sequence-classification model from that "
+            f"folder ({type(err).__name__}: {err}); pass a local folder written by "
+            "save_pretrained() holding a model and its tokenizer"
+        ) from err
+    return tokenizer, model
+
+
+def reward_model(path: str, label: str | int = 1) -> Reward:
+    """log P(label | text) under a local ``AutoModelForSequenceClassification`` folder."""
+    if not isinstance(path, str):
+        raise KldslTypeError(f"reward_model() takes a folder path string; got {path!r}")
+    if not Path(path).exists():
+        raise KldslModelLoadError(
+            f"reward_model({path!r}): no such folder; give the path of a model saved with "
+            "save_pretrained()"
+        )
+
+    def score(texts: list[str]) -> list[float]:
+        import torch
+
+        tokenizer, model = _classifier(path)
+        index = label
+        if isinstance(label, str):
+            names = {v: int(k) for k, v in model.config.id2label.items()}
+            if label not in names:
+                raise KldslTypeError(
+                    f"reward_model({path!r}) has labels {sorted(names)}, not {label!r}"
+                )
+            index = names[label]
+        with torch.no_grad():
+            enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True)
+            logits = model(**enc).logits
+        return torch.log_softmax(logits.float(), dim=-1)[:, int(index)].tolist()
+
+    kwargs = (("label", label),) if label != 1 else ()
+    return Reward(
+        name="reward_model",
+        fn=score,
+        key=("builtin", "reward_model", (path,), kwargs),
+        args=(path,),
+        kwargs=kwargs,
+        hi=0.0,
+        doc=f"log-probability of label {label!r} under the classifier in {path}",
+    )
+
+
+#: Names that .kl text can use without an ``env``: leaves, factories and LM names.
+BUILTIN_VALUES: dict[str, Any] = {
+    "sentiment": sentiment,
+    "offensive": offensive,
+    "length": length,
+    "curse": curse,
+}
+BUILTIN_FACTORIES: dict[str, Callable[..., Any]] = {
+    "contains": contains,
+    "regex": regex,
+    "reward_model": reward_model,
+}

@@ -1,0 +1,155 @@
+"""``model.explain()``: the target's mathematics and a table of its factors."""
+
+from __future__ import annotations
+
+import math
+
+from kldsl.graph import (
+    And,
+    Condition,
+    Constraint,
+    ConstraintExpr,
+    Model,
+    Not,
+    Or,
+    Power,
+    Prior,
+    RAdd,
+    RDiv,
+    Reward,
+    RewardExpr,
+    RMul,
+    RNeg,
+    Tilt,
+    _num,
+    _prior_symbols,
+)
+
+
+def math_reward(expr: RewardExpr) -> str:
+    """A reward in maths notation, e.g. ``sentiment(x)/0.2``."""
+    match expr:
+        case Reward():
+            return f"{expr}(x)" if not (expr.args or expr.kwargs) else f"{expr}[x]"
+        case RDiv(inner, c):
+            return f"{_paren(inner)}/{_num(c)}"
+        case RMul(inner, c):
+            return f"{_num(c)}·{_paren(inner)}"
+        case RAdd(left, RNeg(right)):
+            return f"{math_reward(left)} − {_paren(right)}"
+        case RAdd(left, right):
+            return f"{math_reward(left)} + {math_reward(right)}"
+        case RNeg(inner):
+            return f"−{_paren(inner)}"
+    raise ValueError(f"Unrecognized reward node: {expr!r}")
+
+
+def _paren(expr: RewardExpr) -> str:
+    text = math_reward(expr)
+    return f"({text})" if isinstance(expr, RAdd | RNeg) else text
+
+
+def math_constraint(expr: ConstraintExpr) -> str:
+    """A constraint in maths notation, e.g. ``¬curse(x)``."""
+    match expr:
+        case Constraint():
+            return f"{expr}(x)" if not (expr.args or expr.kwargs) else f"{expr}[x]"
+        case Not(inner):
+            text = math_constraint(inner)
+            return f"¬{text}" if isinstance(inner, Constraint | Not) else f"¬({text})"
+        case And(left, right):
+            return f"{_cparen(left, Or)} ∧ {_cparen(right, Or)}"
+        case Or(left, right):
+            return f"{_cparen(left, And)} ∨ {_cparen(right, And)}"
+    raise ValueError(f"Unrecognized constraint node: {expr!r}")
+
+
+def _cparen(expr: ConstraintExpr, other: type) -> str:
+    text = math_constraint(expr)
+    return f"({text})" if isinstance(expr, other) else text
+
+
+def _interval(lo: float, hi: float) -> str:
+    def f(v: float) -> str:
+        return "∞" if v == math.inf else "−∞" if v == -math.inf else f"{v:g}"
+
+    return f"[{f(lo)}, {f(hi)}]"
+
+
+def formula(model: Model) -> str:
+    """``p̃(x) = a(x)·exp(r(x)/β)·1[¬c(x)]`` for this model."""
+    symbols = _prior_symbols(model)
+    parts = []
+    for f in model.factors():
+        match f:
+            case Prior():
+                parts.append(f"{symbols[f]}(x)")
+            case Power(prior, alpha):
+                parts.append(f"{symbols[prior]}(x)^{_num(alpha)}")
+            case Tilt(reward):
+                parts.append(f"exp({math_reward(reward)})")
+            case Condition(_, constraint):
+                parts.append(f"1[{math_constraint(constraint)}]")
+            case _:
+                raise ValueError(f"Unrecognized factor: {f!r}")
+    return "p̃(x) = " + "·".join(parts)
+
+
+def explain(model: Model) -> str:
+    """The maths of ``model`` and one table row per factor."""
+    model.check()
+    symbols = _prior_symbols(model)
+    base = model.base()
+    rows: list[tuple[str, str, str, str]] = []
+    for f in model.factors():
+        match f:
+            case Prior() | Power():
+                prior = f.prior if isinstance(f, Power) else f
+                name = prior.model if isinstance(prior.model, str) else prior.model.name
+                what = f"LM {name}"
+                if prior.prompt:
+                    what += f", prompt {prior.prompt!r}"
+                if prior is base:
+                    what += f", ≤ {prior.max_tokens} tokens; the base: x is drawn from it"
+                else:
+                    what += "; another expert, scored on the base's tokens"
+                alpha = f" (tempered by {_num(f.alpha)})" if isinstance(f, Power) else ""
+                kind = "prior" if prior is base else "expert"
+                rows.append((f"{symbols[prior]}(x)" + alpha, kind, "log-prob", what))
+            case Tilt(reward):
+                lo, hi = reward.bounds()
+                leaves = "; ".join(
+                    f"{leaf}: {leaf.doc}" if leaf.doc else str(leaf)
+                    for leaf in dict.fromkeys(reward.leaves())
+                )
+                rows.append(
+                    (f"exp({math_reward(reward)})", "tilt", f"∈ {_interval(lo, hi)}", leaves)
+                )
+            case Condition(_, constraint):
+                notes = "; ".join(
+                    f"{leaf}: {leaf.doc}" if leaf.doc else str(leaf)
+                    for leaf in dict.fromkeys(constraint.leaves())
+                )
+                if constraint.prefix_closed:
+                    notes += " (prefix-closed: a violating prefix can be pruned)"
+                rows.append((f"1[{math_constraint(constraint)}]", "constraint", "0 or −∞", notes))
+    header = ("factor", "kind", "log value", "meaning")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    lines = [
+        str(model),
+        "",
+        formula(model),
+        "p*(x) = p̃(x) / Z,   Z = Σ_x p̃(x)",
+        "",
+        "  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0])).rstrip(),
+    ]
+    lines.append("  ".join("─" * w for w in [*widths, len(header[3])]))
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, [*widths, 0])).rstrip())
+    if model.conditions():
+        lines += [
+            "",
+            "Hard constraints put log p̃ = −∞ on violations: Z is then the prior probability of "
+            "satisfying them (times the tilt), and KL(p*‖a) ≥ −log Z.",
+        ]
+    return "\n".join(lines)

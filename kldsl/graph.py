@@ -1,0 +1,844 @@
+"""The model graph: a closed set of frozen, hashable node kinds.
+
+A model is built from a prior LM, tilts ``exp(reward)`` and hard conditions
+``| constraint``; the graph denotes the unnormalised target
+
+    p̃(x) = a(x) · exp(r(x)/β) · 1[c(x)]
+
+``str(node)`` prints DSL text that :func:`kldsl.parse` reads back to an equal node.
+Python operators and the text grammar build the same nodes; engines interpret them
+through :meth:`Model.log_density` and :meth:`Model.base`.
+
+Example:
+    >>> import kldsl as kl
+    >>> m = kl.prior(kl.ToyLM(), max_tokens=4) * kl.exp(kl.length / 2.0) | ~kl.contains("a")
+    >>> str(m)
+    'prior(toy, max_tokens=4) * exp(length / 2.0) | not contains("a")'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kldsl.errors import KldslRewardError, KldslTypeError
+from kldsl.lm import LM
+
+Number = int | float
+
+# Precedence of the text grammar, loosest first; the printer parenthesises by it.
+P_COND, P_OR, P_AND, P_NOT, P_SUM, P_PROD, P_NEG, P_POW, P_ATOM = range(1, 10)
+
+
+def _num(x: Number) -> str:
+    return repr(int(x)) if isinstance(x, int) else repr(float(x))
+
+
+def _wrap(node: Node, need: int) -> str:
+    text, prec = node._fmt()
+    return f"({text})" if prec < need else text
+
+
+def _args_text(args: tuple, kwargs: tuple[tuple[str, Any], ...]) -> str:
+    parts = [_literal(a) for a in args] + [f"{k}={_literal(v)}" for k, v in kwargs]
+    return ", ".join(parts)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        raise KldslTypeError("booleans have no DSL literal")
+    if isinstance(value, int | float):
+        return _num(value)
+    if isinstance(value, LM):
+        return value.name
+    raise KldslTypeError(f"{value!r} has no DSL literal")
+
+
+class Node:
+    """Base of every graph node; ``str(node)`` is its DSL text."""
+
+    def _fmt(self) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self._fmt()[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Rewards: batched text -> float functions and arithmetic over them
+# ---------------------------------------------------------------------------------------
+
+
+class RewardExpr(Node):
+    """A reward: a real-valued function of the text. Supports ``/ β``, ``* c``, ``+``, ``-``."""
+
+    def __truediv__(self, other: Number) -> RewardExpr:
+        c = _scalar(other, "a reward can only be divided by a number (β)")
+        if c <= 0:
+            raise KldslTypeError(
+                f"β must be > 0 in `{self} / β` (got {other}); to prefer low rewards write "
+                f"`exp(-{_wrap(self, P_NEG)} / β)` with a positive β"
+            )
+        return RDiv(self, c)
+
+    def __mul__(self, other: Number) -> RewardExpr:
+        if isinstance(other, RewardExpr):
+            raise KldslTypeError("rewards multiply only with numbers; add them with `+`")
+        if isinstance(other, Node):
+            raise KldslTypeError(
+                f"`{self} * {other}`: a reward is not a factor of a model; "
+                f"write `exp({self}) * ...` to tilt by it"
+            )
+        return RMul(self, _scalar(other, "a reward can only be multiplied by a number"))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: RewardExpr) -> RewardExpr:
+        if not isinstance(other, RewardExpr):
+            raise KldslTypeError(f"`{self} + {other!r}`: only rewards can be added to a reward")
+        return RAdd(self, other)
+
+    def __sub__(self, other: RewardExpr) -> RewardExpr:
+        if not isinstance(other, RewardExpr):
+            raise KldslTypeError(f"`{self} - {other!r}`: only rewards can be subtracted")
+        return RAdd(self, RNeg(other))
+
+    def __neg__(self) -> RewardExpr:
+        return RNeg(self)
+
+    def __or__(self, other: Any) -> Any:
+        raise KldslTypeError(
+            f"`{self} | ...`: `|` conditions a model on a constraint; "
+            f"write `prior(...) * exp({self}) | constraint`"
+        )
+
+    def bounds(self) -> tuple[float, float]:
+        """Interval (lo, hi) holding every value of the reward (±inf when unknown)."""
+        raise NotImplementedError
+
+    def leaves(self) -> list[Reward]:
+        raise NotImplementedError
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        """The reward from its leaves' values [N]."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Reward(RewardExpr):
+    """A named leaf reward: a batched function ``list[str] -> list[float]``.
+
+    Built-ins compare equal by name and arguments; user rewards by their function.
+    """
+
+    name: str = field(compare=False)  # how it prints
+    fn: Callable[[list[str]], Sequence[float]] = field(compare=False, repr=False)
+    key: tuple = ()  # identity: ("builtin", name, args, kwargs) or ("user", fn)
+    args: tuple = field(default=(), compare=False)  # printed call arguments of a built-in
+    kwargs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    lo: float = field(default=-math.inf, compare=False)  # declared lower bound of values
+    hi: float = field(default=math.inf, compare=False)  # declared upper bound of values
+    doc: str = field(default="", compare=False)
+
+    def _fmt(self) -> tuple[str, int]:
+        if self.args or self.kwargs:
+            return f"{self.name}({_args_text(self.args, self.kwargs)})", P_ATOM
+        return self.name, P_ATOM
+
+    def bounds(self) -> tuple[float, float]:
+        return (self.lo, self.hi)
+
+    def leaves(self) -> list[Reward]:
+        return [self]
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        return values[self]
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        """Evaluate on texts, checking the result (NaN, wrong length, exceptions)."""
+        return _call_leaf(self, texts, torch.float64)
+
+
+@dataclass(frozen=True)
+class RDiv(RewardExpr):
+    """``expr / c`` with c > 0 (a temperature β)."""
+
+    expr: RewardExpr
+    c: float
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.expr, P_PROD)} / {_num(self.c)}", P_PROD
+
+    def bounds(self) -> tuple[float, float]:
+        lo, hi = self.expr.bounds()
+        return (lo / self.c, hi / self.c)
+
+    def leaves(self) -> list[Reward]:
+        return self.expr.leaves()
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        return self.expr.evaluate(values) / self.c
+
+
+@dataclass(frozen=True)
+class RMul(RewardExpr):
+    """``expr * c`` for a number c."""
+
+    expr: RewardExpr
+    c: float
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.expr, P_PROD)} * {_num(self.c)}", P_PROD
+
+    def bounds(self) -> tuple[float, float]:
+        lo, hi = self.expr.bounds()
+        if self.c == 0:
+            return (0.0, 0.0)
+        a, b = lo * self.c, hi * self.c
+        return (min(a, b), max(a, b))
+
+    def leaves(self) -> list[Reward]:
+        return self.expr.leaves()
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        return self.expr.evaluate(values) * self.c
+
+
+@dataclass(frozen=True)
+class RAdd(RewardExpr):
+    """``left + right`` (``left - right`` is ``left + -right``)."""
+
+    left: RewardExpr
+    right: RewardExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        if isinstance(self.right, RNeg):
+            return f"{_wrap(self.left, P_SUM)} - {_wrap(self.right.expr, P_PROD)}", P_SUM
+        return f"{_wrap(self.left, P_SUM)} + {_wrap(self.right, P_PROD)}", P_SUM
+
+    def bounds(self) -> tuple[float, float]:
+        (a, b), (c, d) = self.left.bounds(), self.right.bounds()
+        return (a + c, b + d)
+
+    def leaves(self) -> list[Reward]:
+        return self.left.leaves() + self.right.leaves()
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        return self.left.evaluate(values) + self.right.evaluate(values)
+
+
+@dataclass(frozen=True)
+class RNeg(RewardExpr):
+    """``-expr``."""
+
+    expr: RewardExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"-{_wrap(self.expr, P_NEG)}", P_NEG
+
+    def bounds(self) -> tuple[float, float]:
+        lo, hi = self.expr.bounds()
+        return (-hi, -lo)
+
+    def leaves(self) -> list[Reward]:
+        return self.expr.leaves()
+
+    def evaluate(self, values: dict[Reward, Tensor]) -> Tensor:
+        return -self.expr.evaluate(values)
+
+
+# ---------------------------------------------------------------------------------------
+# Constraints: batched text -> bool functions and logic over them
+# ---------------------------------------------------------------------------------------
+
+
+class ConstraintExpr(Node):
+    """A hard constraint. Python: ``~c``, ``c1 & c2``, ``c1 | c2``; text: not / and / or."""
+
+    def __invert__(self) -> ConstraintExpr:
+        return Not(self)
+
+    def __and__(self, other: ConstraintExpr) -> ConstraintExpr:
+        return And(self, _constraint(other, "&"))
+
+    def __or__(self, other: ConstraintExpr) -> ConstraintExpr:
+        return Or(self, _constraint(other, "|"))
+
+    def __mul__(self, other: Any) -> Any:
+        raise KldslTypeError(
+            f"`{self} * ...`: a constraint is not a factor; write `prior(...) | {self}` "
+            "to condition on it"
+        )
+
+    __rmul__ = __mul__
+
+    @property
+    def prefix_closed(self) -> bool:
+        """True when a prefix that violates it cannot be extended into one that satisfies it."""
+        raise NotImplementedError
+
+    @property
+    def upward_closed(self) -> bool:
+        """True when a prefix that satisfies it cannot be extended into one that violates it."""
+        raise NotImplementedError
+
+    def leaves(self) -> list[Constraint]:
+        raise NotImplementedError
+
+    def evaluate(self, values: dict[Constraint, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+def _constraint(other: Any, op: str) -> ConstraintExpr:
+    if not isinstance(other, ConstraintExpr):
+        raise KldslTypeError(f"`{op}` combines two constraints; got {other!r}")
+    return other
+
+
+@dataclass(frozen=True)
+class Constraint(ConstraintExpr):
+    """A named leaf constraint: a batched function ``list[str] -> list[bool]``.
+
+    ``closed`` says how it behaves on extensions of a text (over complete words):
+    "prefix" (a violation persists), "upward" (a satisfaction persists) or "".
+    """
+
+    name: str = field(compare=False)
+    fn: Callable[[list[str]], Sequence[bool]] = field(compare=False, repr=False)
+    key: tuple = ()
+    args: tuple = field(default=(), compare=False)
+    kwargs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    closed: str = field(default="", compare=False)
+    doc: str = field(default="", compare=False)
+
+    def _fmt(self) -> tuple[str, int]:
+        if self.args or self.kwargs:
+            return f"{self.name}({_args_text(self.args, self.kwargs)})", P_ATOM
+        return self.name, P_ATOM
+
+    @property
+    def prefix_closed(self) -> bool:
+        return self.closed == "prefix"
+
+    @property
+    def upward_closed(self) -> bool:
+        return self.closed == "upward"
+
+    def leaves(self) -> list[Constraint]:
+        return [self]
+
+    def evaluate(self, values: dict[Constraint, Tensor]) -> Tensor:
+        return values[self]
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        return _call_leaf(self, texts, torch.bool)
+
+
+@dataclass(frozen=True)
+class Not(ConstraintExpr):
+    expr: ConstraintExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"not {_wrap(self.expr, P_NOT)}", P_NOT
+
+    @property
+    def prefix_closed(self) -> bool:
+        return self.expr.upward_closed
+
+    @property
+    def upward_closed(self) -> bool:
+        return self.expr.prefix_closed
+
+    def leaves(self) -> list[Constraint]:
+        return self.expr.leaves()
+
+    def evaluate(self, values: dict[Constraint, Tensor]) -> Tensor:
+        return ~self.expr.evaluate(values)
+
+
+@dataclass(frozen=True)
+class And(ConstraintExpr):
+    left: ConstraintExpr
+    right: ConstraintExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.left, P_AND)} and {_wrap(self.right, P_NOT)}", P_AND
+
+    @property
+    def prefix_closed(self) -> bool:
+        return self.left.prefix_closed and self.right.prefix_closed
+
+    @property
+    def upward_closed(self) -> bool:
+        return self.left.upward_closed and self.right.upward_closed
+
+    def leaves(self) -> list[Constraint]:
+        return self.left.leaves() + self.right.leaves()
+
+    def evaluate(self, values: dict[Constraint, Tensor]) -> Tensor:
+        return self.left.evaluate(values) & self.right.evaluate(values)
+
+
+@dataclass(frozen=True)
+class Or(ConstraintExpr):
+    left: ConstraintExpr
+    right: ConstraintExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.left, P_OR)} or {_wrap(self.right, P_AND)}", P_OR
+
+    @property
+    def prefix_closed(self) -> bool:
+        return self.left.prefix_closed and self.right.prefix_closed
+
+    @property
+    def upward_closed(self) -> bool:
+        return self.left.upward_closed and self.right.upward_closed
+
+    def leaves(self) -> list[Constraint]:
+        return self.left.leaves() + self.right.leaves()
+
+    def evaluate(self, values: dict[Constraint, Tensor]) -> Tensor:
+        return self.left.evaluate(values) | self.right.evaluate(values)
+
+
+def _call_leaf(leaf: Reward | Constraint, texts: list[str], dtype: torch.dtype) -> Tensor:
+    kind = "reward" if dtype == torch.float64 else "constraint"
+    try:
+        raw = list(leaf.fn(list(texts)))
+    except Exception as err:  # find the text that breaks it, for the message
+        for text in texts:
+            try:
+                leaf.fn([text])
+            except Exception as single:
+                raise KldslRewardError(
+                    f"{kind} `{leaf}` raised {type(single).__name__}: {single} on the sample "
+                    f"{text!r}"
+                ) from single
+        raise KldslRewardError(f"{kind} `{leaf}` raised {type(err).__name__}: {err}") from err
+    if len(raw) != len(texts):
+        raise KldslRewardError(
+            f"{kind} `{leaf}` returned {len(raw)} values for {len(texts)} texts; a {kind} maps "
+            "a list of texts to a list of the same length"
+        )
+    if dtype == torch.bool:
+        return torch.tensor([bool(v) for v in raw], dtype=torch.bool)
+    try:
+        values = torch.tensor([float(v) for v in raw], dtype=torch.float64)
+    except (TypeError, ValueError) as err:
+        raise KldslRewardError(f"reward `{leaf}` returned a non-number: {err}") from err
+    bad = (~torch.isfinite(values)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise KldslRewardError(
+            f"reward `{leaf}` returned {float(values[i])} on the sample {texts[i]!r} "
+            f"({len(bad)} of {len(texts)} values are not finite); a reward must be a finite number"
+        )
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# Models: priors, tilts, products, tempering, conditioning
+# ---------------------------------------------------------------------------------------
+
+
+class Model(Node):
+    """A factor of the unnormalised target p̃; a model when it contains a prior.
+
+    ``*`` multiplies factors, ``| c`` conditions on a constraint, ``prior ** α`` tempers.
+    """
+
+    def __mul__(self, other: Any) -> Model:
+        if isinstance(other, RewardExpr):
+            raise KldslTypeError(
+                f"`... * {other}`: a reward is not a factor; tilt by it with `* exp({other} / β)`"
+            )
+        if isinstance(other, ConstraintExpr):
+            raise KldslTypeError(
+                f"`... * {other}`: a constraint is not a factor; condition with `| {other}`"
+            )
+        if not isinstance(other, Model):
+            raise KldslTypeError(f"cannot multiply a model by {other!r}")
+        left = self.terms if isinstance(self, Product) else (self,)
+        right = other.terms if isinstance(other, Product) else (other,)
+        return Product(left + right)
+
+    def __or__(self, other: Any) -> Model:
+        if isinstance(other, RewardExpr):
+            raise KldslTypeError(
+                f"`| {other}`: `|` conditions on a constraint, and `{other}` is a reward; "
+                f"to tilt by it write `* exp({other} / β)`"
+            )
+        if not isinstance(other, ConstraintExpr):
+            raise KldslTypeError(f"`| {other!r}`: `|` takes a constraint such as `not curse`")
+        return Condition(self, other)
+
+    # --- structure ----------------------------------------------------------------
+    def factors(self) -> list[Model]:
+        """The flat list of factors (Prior, Power, Tilt, and the constraint of each Condition)."""
+        raise NotImplementedError
+
+    def conditions(self) -> list[ConstraintExpr]:
+        return [f.constraint for f in self.factors() if isinstance(f, Condition)]
+
+    def tilts(self) -> list[RewardExpr]:
+        return [f.reward for f in self.factors() if isinstance(f, Tilt)]
+
+    def priors(self) -> list[Prior]:
+        out = []
+        for f in self.factors():
+            if isinstance(f, Prior):
+                out.append(f)
+            elif isinstance(f, Power):
+                out.append(f.prior)
+        return out
+
+    def base(self) -> Prior:
+        """The base prior (the first one): it sets the LM, prompt and length of samples."""
+        priors = self.priors()
+        if not priors:
+            raise KldslTypeError(
+                f"`{self}` has no prior: a model needs an LM to define what x is; write e.g. "
+                f"`prior(smollm2) * {self}`"
+            )
+        return priors[0]
+
+    def check(self) -> Model:
+        """Raise if this is not a complete model (it has no prior); return it otherwise."""
+        self.base()
+        return self
+
+    # --- meaning ------------------------------------------------------------------
+    def log_density(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        base_log_probs: Tensor | None = None,
+        texts: list[str] | None = None,
+        batch_size: int = 64,
+    ) -> Density:
+        """log p̃(x) [N] with a per-factor breakdown, in batches of ``batch_size``.
+
+        ``base_log_probs`` are log a(x) of the base prior when the caller has them from
+        the passes that sampled the sequences (so nothing is scored twice).
+        """
+        base = self.base()
+        lm = base.lm
+        if texts is None:
+            texts = lm.texts(sequences)
+        n = len(sequences)
+        if base_log_probs is None:
+            base_log_probs = lm.score(sequences, prompt=base.prompt, batch_size=batch_size)
+        base_log_probs = base_log_probs.double().cpu()
+        leaf_values: dict[Node, Tensor] = {}
+
+        def leaves_of(leaf_list: Sequence[Reward | Constraint], dtype: torch.dtype) -> None:
+            for leaf in leaf_list:
+                if leaf in leaf_values:
+                    continue
+                parts = [
+                    _call_leaf(leaf, texts[i : i + batch_size], dtype)
+                    for i in range(0, n, batch_size)
+                ]
+                leaf_values[leaf] = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+        terms: dict[str, Tensor] = {}
+        rewards: dict[str, Tensor] = {}
+        constraints: dict[str, Tensor] = {}
+        symbols = _prior_symbols(self)
+        for f in self.factors():
+            if isinstance(f, Prior | Power):
+                prior = f.prior if isinstance(f, Power) else f
+                if prior is base:
+                    lp = base_log_probs
+                else:
+                    _check_same_tokenizer(base, prior)
+                    lp = prior.lm.score(sequences, prompt=prior.prompt, batch_size=batch_size)
+                alpha = f.alpha if isinstance(f, Power) else 1.0
+                label = f"log {symbols[prior]}" + (f"^{_num(alpha)}" if alpha != 1.0 else "")
+                terms[_unique(terms, label)] = alpha * lp.double()
+            elif isinstance(f, Tilt):
+                leaves_of(f.reward.leaves(), torch.float64)
+                for leaf in f.reward.leaves():
+                    rewards[str(leaf)] = leaf_values[leaf]
+                terms[_unique(terms, str(f.reward))] = f.reward.evaluate(leaf_values)
+            elif isinstance(f, Condition):
+                leaves_of(f.constraint.leaves(), torch.bool)
+                ok = f.constraint.evaluate(leaf_values)
+                constraints[_unique(constraints, str(f.constraint))] = ok
+                log_ind = torch.where(ok, 0.0, -math.inf).double()
+                terms[_unique(terms, f"1[{f.constraint}]")] = log_ind
+        total = torch.zeros(n, dtype=torch.float64)
+        for value in terms.values():
+            total = total + value
+        return Density(total, terms, rewards, constraints, texts)
+
+    def explain(self) -> str:
+        """The target's mathematics and a table of its factors, as text."""
+        from kldsl.explain import explain
+
+        return explain(self)
+
+
+def _unique(existing: dict, label: str) -> str:
+    out, k = label, 2
+    while out in existing:
+        out, k = f"{label} #{k}", k + 1
+    return out
+
+
+def _check_same_tokenizer(base: Prior, other: Prior) -> None:
+    if base.lm.tokenizer_signature() != other.lm.tokenizer_signature():
+        raise KldslTypeError(
+            f"a product of experts needs LMs that share a tokenizer: {base.lm.name} and "
+            f"{other.lm.name} tokenize differently"
+        )
+
+
+def _prior_symbols(model: Model) -> dict[Prior, str]:
+    symbols: dict[Prior, str] = {}
+    for prior in model.priors():
+        if prior not in symbols:
+            symbols[prior] = "abcdefgh"[len(symbols)] if len(symbols) < 8 else f"a{len(symbols)}"
+    return symbols
+
+
+@dataclass
+class Density:
+    """log p̃ of a batch of sequences with its breakdown by factor."""
+
+    log_p: Tensor  # [N] float64, log p̃(x) (−inf where a constraint fails)
+    terms: dict[str, Tensor]  # each factor's log contribution [N]
+    rewards: dict[str, Tensor]  # each leaf reward's raw value [N]
+    constraints: dict[str, Tensor]  # each condition's satisfaction [N] bool
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class Prior(Model):
+    """The prior LM a(x): sequences after ``prompt``, at most ``max_tokens`` tokens."""
+
+    model: LM | str  # an LM object, or a name resolved by kldsl.models.load_lm
+    prompt: str = ""
+    max_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, LM | str):
+            raise KldslTypeError(
+                f'prior() takes an LM or a model name such as "smollm2"; got {self.model!r}'
+            )
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise KldslTypeError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.prompt, str):
+            raise KldslTypeError(f"prompt must be a string, got {self.prompt!r}")
+
+    @property
+    def lm(self) -> LM:
+        """The LM itself (a named model is loaded on first use and cached)."""
+        if isinstance(self.model, LM):
+            return self.model
+        from kldsl.models import load_lm
+
+        return load_lm(self.model)
+
+    def __pow__(self, alpha: Number) -> Power:
+        a = _scalar(alpha, "a prior is tempered by a number: `prior(...) ** 0.5`")
+        if a <= 0:
+            raise KldslTypeError(f"tempering needs α > 0 in `prior ** α`, got {alpha}")
+        return Power(self, a)
+
+    def _fmt(self) -> tuple[str, int]:
+        if isinstance(self.model, LM):
+            head = self.model.name
+        else:
+            from kldsl.models import EMBEDDED
+
+            head = self.model if self.model in EMBEDDED else json.dumps(self.model)
+        kwargs: list[tuple[str, Any]] = []
+        if self.prompt:
+            kwargs.append(("prompt", self.prompt))
+        if self.max_tokens != Prior.max_tokens:
+            kwargs.append(("max_tokens", self.max_tokens))
+        extra = ", " + _args_text((), tuple(kwargs)) if kwargs else ""
+        return f"prior({head}{extra})", P_ATOM
+
+    def factors(self) -> list[Model]:
+        return [self]
+
+
+@dataclass(frozen=True)
+class Power(Model):
+    """A tempered prior a(x)^α (α > 0)."""
+
+    prior: Prior
+    alpha: float
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.prior, P_ATOM)} ** {_num(self.alpha)}", P_POW
+
+    def factors(self) -> list[Model]:
+        return [self]
+
+
+@dataclass(frozen=True)
+class Tilt(Model):
+    """The soft factor exp(r(x))."""
+
+    reward: RewardExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"exp({self.reward})", P_ATOM
+
+    def factors(self) -> list[Model]:
+        return [self]
+
+
+@dataclass(frozen=True)
+class Product(Model):
+    """A product of factors; the first prior among them is the base."""
+
+    terms: tuple[Model, ...]
+
+    def _fmt(self) -> tuple[str, int]:
+        head, *rest = self.terms
+        parts = [_wrap(head, P_PROD)] + [_wrap(t, P_NEG) for t in rest]
+        return " * ".join(parts), P_PROD
+
+    def factors(self) -> list[Model]:
+        return [f for t in self.terms for f in t.factors()]
+
+
+@dataclass(frozen=True)
+class Condition(Model):
+    """``model | constraint``: multiplies by the indicator 1[constraint(x)]."""
+
+    model: Model
+    constraint: ConstraintExpr
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.model, P_COND)} | {_wrap(self.constraint, P_OR)}", P_COND
+
+    def factors(self) -> list[Model]:
+        return [*self.model.factors(), self]
+
+
+def _scalar(value: Any, message: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        shown = f"`{value}`" if isinstance(value, Node) else repr(value)
+        raise KldslTypeError(f"{message}; got {shown}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Constructors of the Python front-end
+# ---------------------------------------------------------------------------------------
+
+
+def prior(model: LM | str, prompt: str = "", max_tokens: int = 32) -> Prior:
+    """The prior LM a(x).
+
+    Example:
+        >>> p = prior("smollm2", prompt="Once upon a time", max_tokens=20)
+        >>> str(p)
+        'prior(smollm2, prompt="Once upon a time", max_tokens=20)'
+    """
+    if isinstance(max_tokens, float) and max_tokens.is_integer():
+        max_tokens = int(max_tokens)
+    return Prior(model, prompt, max_tokens)
+
+
+def exp(reward: RewardExpr) -> Tilt:
+    """The soft factor exp(reward); write ``exp(r / β)`` for a temperature β.
+
+    Example:
+        >>> from kldsl.builtins import sentiment
+        >>> str(exp(sentiment / 0.1))
+        'exp(sentiment / 0.1)'
+    """
+    if isinstance(reward, ConstraintExpr):
+        raise KldslTypeError(
+            f"exp() takes a reward, but `{reward}` is a constraint; condition on it with "
+            f"`model | {reward}` instead"
+        )
+    if isinstance(reward, Model):
+        raise KldslTypeError(f"exp() takes a reward, but `{reward}` is a model")
+    if not isinstance(reward, RewardExpr):
+        raise KldslTypeError(
+            f"exp() takes a reward (a built-in such as `sentiment`, or a function decorated "
+            f"with @kl.reward); got {reward!r}"
+        )
+    return Tilt(reward)
+
+
+def reward(
+    fn: Callable[[list[str]], Sequence[float]] | None = None,
+    *,
+    name: str | None = None,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Any:
+    """Decorate a batched function ``list[str] -> list[float]`` as a reward.
+
+    Example:
+        >>> @reward(bounds=(0, 1))
+        ... def has_q(texts):
+        ...     return [float("?" in t) for t in texts]
+        >>> str(exp(has_q / 0.5))
+        'exp(has_q / 0.5)'
+    """
+
+    def wrap(f: Callable) -> Reward:
+        if isinstance(f, Reward):
+            return f
+        return Reward(
+            name=name or getattr(f, "__name__", "reward"),
+            fn=f,
+            key=("user", f),
+            lo=float(bounds[0]),
+            hi=float(bounds[1]),
+            doc=(f.__doc__ or "").strip().split("\n")[0],
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def constraint(
+    fn: Callable[[list[str]], Sequence[bool]] | None = None,
+    *,
+    name: str | None = None,
+    closed: str = "",
+) -> Any:
+    """Decorate a batched function ``list[str] -> list[bool]`` as a hard constraint.
+
+    ``closed="prefix"`` declares that a violation persists on every extension (lets SMC
+    prune early); ``closed="upward"`` that a satisfaction does.
+
+    Example:
+        >>> @constraint
+        ... def short(texts):
+        ...     return [len(t) < 40 for t in texts]
+        >>> str(short)
+        'short'
+    """
+    if closed not in ("", "prefix", "upward"):
+        raise ValueError('closed must be "", "prefix" or "upward"')
+
+    def wrap(f: Callable) -> Constraint:
+        if isinstance(f, Constraint):
+            return f
+        return Constraint(
+            name=name or getattr(f, "__name__", "constraint"),
+            fn=f,
+            key=("user", f),
+            closed=closed,
+            doc=(f.__doc__ or "").strip().split("\n")[0],
+        )
+
+    return wrap(fn) if fn is not None else wrap

@@ -1,0 +1,363 @@
+"""Any Hugging Face causal LM (``AutoModelForCausalLM`` + tokenizer) as a kldsl :class:`LM`.
+
+Sampling runs the shared context once, broadcasts its KV cache to every row and then
+steps token by token; scoring runs the context once per batch and all held tokens in one
+forward. Both are pure ancestral (temperature 1) and agree to float tolerance.
+
+Example:
+    >>> lm = HFLM.from_pretrained("path/to/folder")
+    >>> batch = lm.sample(4, max_tokens=16, prompt="Once upon a time", seed=0)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+from kldsl.errors import KldslModelLoadError
+from kldsl.lm import LM, Ids, SampleBatch, draw
+
+# keyword arguments of ``from_pretrained`` that the tokenizer needs as well as the model
+_SHARED_KWARGS = (
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "trust_remote_code",
+    "gguf_file",
+    "subfolder",
+)
+
+
+class HFLM(LM):
+    """A transformers causal LM and its tokenizer behind the kldsl LM protocol.
+
+    ``model`` and ``tokenizer`` stay public so an engine can fine-tune the model in place.
+
+    Example:
+        >>> lm = HFLM(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), "mine")
+        >>> lm.score(lm.sample(2, max_tokens=8).ids)
+    """
+
+    #: most tokens (rows x length) one scoring forward may hold; bounds the [B, T, V] logits
+    max_tokens_per_forward: int = 2048
+    #: most prefixes one ``next_logprobs`` forward may hold
+    max_batch: int = 64
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, eos_id: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        model.eval()
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        width = getattr(out, "out_features", None) or getattr(out, "num_embeddings", None)
+        self.vocab_size = int(width or _text_config(model).vocab_size)
+        found = eos_id if eos_id is not None else _eos_id(model, tokenizer)
+        if found is None:
+            raise KldslModelLoadError(
+                f"{name}: neither the tokenizer nor the model config names an EOS token, so "
+                "kldsl cannot tell where a sequence ends; pass eos_id= to HFLM"
+            )
+        self.eos_id = int(found)
+        self.bos_id = tokenizer.bos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else self.eos_id
+        params = _forward_params(model)
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keep_kwarg = next(
+            (k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> HFLM:
+        """Load a hub name or a local folder with the ordinary Hugging Face loading code.
+
+        Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (and the
+        ones a tokenizer also takes, like ``revision``, to ``AutoTokenizer``). Raises
+        :class:`KldslModelLoadError` saying what was tried and what to do.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = os.fspath(name_or_path)
+        path = Path(source).expanduser()
+        name = name or source
+        if path.is_dir():
+            source = str(path)
+        elif _looks_like_path(source):
+            what = "is a file, not a model folder" if path.exists() else "does not exist"
+            raise KldslModelLoadError(
+                f"cannot load model {source!r}: {path} {what}. Pass a folder holding "
+                "config.json, the weights and the tokenizer files (what "
+                "model.save_pretrained(folder) and tokenizer.save_pretrained(folder) write), "
+                "or a Hugging Face hub name such as 'gpt2'."
+            )
+        offline = False
+        if not path.is_dir() and not kwargs.get("local_files_only") and not _hub_reachable():
+            kwargs = {**kwargs, "local_files_only": True}
+            offline = True
+        tok_kwargs = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        except Exception as err:
+            reason = " ".join(str(err).split())[:400]
+            tried = (
+                f"tried AutoTokenizer.from_pretrained({source!r}) and "
+                f"AutoModelForCausalLM.from_pretrained({source!r}, dtype={dtype})"
+            )
+            if path.is_dir():
+                todo = (
+                    f"check that {path} holds config.json, the weights and the tokenizer files "
+                    "of a causal LM (what save_pretrained writes)"
+                )
+            elif offline:
+                todo = (
+                    "the Hugging Face hub is not reachable from here and the model is not in the "
+                    "local Hugging Face cache; download it on a machine online "
+                    "(huggingface-cli download NAME) or pass a local model folder"
+                )
+            else:
+                todo = (
+                    "check the name on https://huggingface.co (and HF_TOKEN for gated models), "
+                    "or pass a local model folder"
+                )
+            raise KldslModelLoadError(
+                f"could not load model {source!r} ({type(err).__name__}: {reason}); {tried}. "
+                f"To fix: {todo}."
+            ) from err
+        return cls(model, tokenizer, name)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"HFLM(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (inputs are moved there)."""
+        return next(self.model.parameters()).device
+
+    # --- tokens -------------------------------------------------------------------
+    def encode(self, text: str) -> Ids:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def context_ids(self, prompt: str = "") -> Ids:
+        """BOS (if any) then the prompt; a model with neither BOS nor prompt starts at EOS."""
+        ids = super().context_ids(prompt)
+        return ids or [self.eos_id]
+
+    # --- forward passes -------------------------------------------------------------
+    def _forward(self, input_ids: Tensor, *, last_only: bool = False, **kwargs: Any) -> Any:
+        if last_only and self._keep_kwarg is not None:
+            kwargs[self._keep_kwarg] = 1
+        if "cache" in kwargs and self._cache_kwarg != "cache":
+            kwargs[self._cache_kwarg] = kwargs.pop("cache")
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def _prefill(self, context: Ids) -> tuple[Any, Tensor]:
+        """Run the context once (batch 1): its KV cache and the next-token log-probs [1, V]."""
+        ids = torch.tensor([context], dtype=torch.long, device=self.device)
+        out = self._forward(ids, last_only=True, use_cache=True)
+        cache = out.get("cache", None)
+        if cache is None:
+            cache = out.get("past_key_values", None)
+        if cache is None:
+            raise RuntimeError(f"{self.name}: the model returned no KV cache with use_cache=True")
+        return cache, out.logits[:, -1].float().log_softmax(-1)
+
+    @torch.no_grad()
+    def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
+        """Log-probabilities [B, V] (float32, CPU) of the token after each prefix."""
+        if any(len(p) == 0 for p in prefixes):
+            raise ValueError("next_logprobs needs a non-empty prefix; use context_ids(prompt)")
+        parts = [
+            self._next_logprobs(prefixes[i : i + self.max_batch])
+            for i in range(0, len(prefixes), self.max_batch)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.vocab_size)
+
+    def _next_logprobs(self, prefixes: list[Ids]) -> Tensor:
+        longest = max(len(p) for p in prefixes)
+        ids = torch.full((len(prefixes), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prefixes), longest), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):  # left padding: the last position is real
+            ids[row, longest - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
+            mask[row, longest - len(prefix) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        device = self.device
+        out = self._forward(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+            last_only=True,
+        )
+        return out.logits[:, -1].float().log_softmax(-1).cpu()
+
+    # --- fast sampling and scoring --------------------------------------------------
+    @torch.no_grad()
+    def _sample_batch(
+        self, n: int, max_tokens: int, prompt: str, generator: torch.Generator
+    ) -> SampleBatch:
+        """Ancestral sampling with one shared context pass and a broadcast KV cache.
+
+        Rows that drew EOS leave the batch (and the cache), so they stop costing compute and
+        the generator is consumed exactly as :meth:`LM._sample_batch` consumes it.
+        """
+        seqs: list[Ids] = [[] for _ in range(n)]
+        total = torch.zeros(n, dtype=torch.float64)
+        if n == 0 or max_tokens <= 0:
+            return SampleBatch(seqs, total)
+        cache, lp = self._prefill(self.context_ids(prompt))
+        cache.batch_repeat_interleave(n)
+        lp = lp.expand(n, -1)
+        active = torch.arange(n)  # sequence index of each batch row
+        for step in range(max_tokens):
+            tokens = draw(lp, generator)
+            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            total[active] += picked
+            for row, i in enumerate(active.tolist()):
+                seqs[i].append(int(tokens[row]))
+            going = tokens != self.eos_id
+            if step == max_tokens - 1 or not bool(going.any()):
+                break
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep.to(self.device))
+                active, tokens = active[keep], tokens[keep]
+            out = self._forward(
+                tokens.unsqueeze(1).to(self.device), cache=cache, use_cache=True, last_only=True
+            )
+            lp = out.logits[:, -1].float().log_softmax(-1)
+        return SampleBatch(seqs, total)
+
+    @torch.no_grad()
+    def score(
+        self, sequences: Sequence[Sequence[int]], *, prompt: str = "", batch_size: int = 64
+    ) -> Tensor:
+        """Exact log-probability [N] (float64) of each sequence given the prompt.
+
+        The context runs once per batch; the right-padded sequences run in one forward.
+        """
+        out = torch.zeros(len(sequences), dtype=torch.float64)
+        order = sorted(
+            (i for i, s in enumerate(sequences) if len(s)), key=lambda i: -len(sequences[i])
+        )
+        if not order:
+            return out
+        context = self.context_ids(prompt)
+        device = self.device
+        start = 0
+        while start < len(order):
+            longest = len(sequences[order[start]])
+            rows = max(1, min(batch_size, self.max_tokens_per_forward // longest))
+            chunk = order[start : start + rows]
+            start += len(chunk)
+            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
+                mask[row, : len(sequences[i])] = 1
+            cache, first = self._prefill(context)
+            lp_first = first.expand(len(chunk), -1).gather(1, ids[:, :1].to(device)).squeeze(1)
+            picked = [lp_first.double().unsqueeze(1).cpu()]
+            if longest > 1:
+                cache.batch_repeat_interleave(len(chunk))
+                full_mask = torch.cat(
+                    [torch.ones(len(chunk), len(context), dtype=torch.long), mask], 1
+                )
+                logits = self._forward(
+                    ids[:, :-1].to(device),
+                    attention_mask=full_mask[:, :-1].to(device),
+                    cache=cache,
+                    use_cache=True,
+                ).logits.float()
+                target = ids[:, 1:].to(device).unsqueeze(2)
+                rest = logits.gather(2, target).squeeze(2) - logits.logsumexp(-1)
+                picked.append(rest.double().cpu())
+            values = (torch.cat(picked, 1) * mask.double()).sum(1)
+            out[torch.tensor(chunk)] = values
+        return out
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _first(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def _eos_id(model: Any, tokenizer: Any) -> int | None:
+    """The tokenizer's EOS, else the generation config's, else the model config's."""
+    candidates = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        candidates.append(generation.eos_token_id)
+    candidates.append(getattr(_text_config(model), "eos_token_id", None))
+    return next((e for e in map(_first, candidates) if e is not None), None)
+
+
+def _forward_params(model: Any) -> set[str]:
+    """Parameter names of the forward of the model (looking through wrappers like peft)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a string names a local path rather than a hub id like ``org/name``."""
+    if source.startswith(("/", ".", "~")) or Path(source).exists():
+        return True
+    if os.sep != "/" and os.sep in source:
+        return True
+    return source.count("/") > 1
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection (skipped behind a proxy).
+
+    Offline, the hub client retries for about a minute before failing; this check lets
+    kldsl go straight to the local Hugging Face cache and a clear error instead.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(v) for v in proxies):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,264 @@
+"""The LM protocol every prior, proposal and fine-tuned model implements.
+
+A subclass provides ``vocab_size``, ``eos_id``, ``encode``, ``decode`` and a batched
+``next_logprobs``; ancestral ``sample``, ``score`` and ``enumerate`` derive from them.
+
+A *sequence* is the list of token ids an LM generated after its prompt context. It ends
+with ``eos_id`` when EOS was drawn and is cut at ``max_tokens`` otherwise; its prior
+log-probability is the sum of the log-probabilities of exactly the tokens it holds (no
+EOS term when cut), so sampling and re-scoring agree.
+
+Example:
+    >>> lm = ToyLM(vocab="ab", seed=0)
+    >>> batch = lm.sample(4, max_tokens=3, seed=0)
+    >>> torch.allclose(batch.log_probs, lm.score(batch.ids))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kldsl.errors import KldslInferenceError
+
+Ids = list[int]
+
+
+@dataclass
+class SampleBatch:
+    """Sequences drawn from (or enumerated under) an LM, with their exact log-probabilities."""
+
+    ids: list[Ids]  # generated tokens per sequence, EOS included when drawn
+    log_probs: Tensor  # [N] float64, log a(x) of each sequence given the prompt
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
+    """A CPU generator from a seed (None draws one from torch's global stream)."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    gen = torch.Generator()
+    gen.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed))
+    return gen
+
+
+def draw(log_probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row from a [B, V] matrix of log-probabilities (pure ancestral sampling)."""
+    probs = log_probs.detach().float().exp().cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class LM:
+    """Base class of every language model kldsl can use as a prior or proposal.
+
+    Subclasses set ``name``, ``vocab_size``, ``eos_id`` (and ``bos_id`` if the model
+    starts documents with a BOS token) and implement ``encode``, ``decode`` and
+    ``next_logprobs``. Override ``sample`` or ``score`` only to make them faster.
+    """
+
+    name: str = "lm"
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None = None
+
+    # --- what a subclass provides -------------------------------------------------
+    def encode(self, text: str) -> Ids:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
+        """Log-probabilities [B, V] of the next token after each full context in ``prefixes``."""
+        raise NotImplementedError
+
+    # --- derived ------------------------------------------------------------------
+    def context_ids(self, prompt: str = "") -> Ids:
+        """Token ids the model conditions on: BOS (if the model has one) then the prompt."""
+        ids = self.encode(prompt) if prompt else []
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The text of a generated sequence (a final EOS is not part of it)."""
+        ids = list(ids)
+        if ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return self.decode(ids)
+
+    def texts(self, sequences: Sequence[Sequence[int]]) -> list[str]:
+        return [self.text(s) for s in sequences]
+
+    def tokenizer_signature(self) -> tuple:
+        """What two LMs must share for one to score the other's token ids."""
+        probe = "The quick brown fox, 123 ünïcode!"
+        return (self.vocab_size, self.eos_id, tuple(self.encode(probe)))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        max_tokens: int,
+        *,
+        prompt: str = "",
+        seed: int | torch.Generator | None = 0,
+        batch_size: int | None = None,
+    ) -> SampleBatch:
+        """Draw ``n`` sequences by ancestral sampling, with the log-probs of the same passes."""
+        generator = make_generator(seed)
+        batch_size = batch_size or n
+        ids: list[Ids] = []
+        log_probs: list[Tensor] = []
+        for start in range(0, n, batch_size):
+            part = self._sample_batch(min(batch_size, n - start), max_tokens, prompt, generator)
+            ids.extend(part.ids)
+            log_probs.append(part.log_probs)
+        return SampleBatch(ids, torch.cat(log_probs) if log_probs else torch.zeros(0))
+
+    def _sample_batch(
+        self, n: int, max_tokens: int, prompt: str, generator: torch.Generator
+    ) -> SampleBatch:
+        context = self.context_ids(prompt)
+        seqs: list[Ids] = [[] for _ in range(n)]
+        total = torch.zeros(n, dtype=torch.float64)
+        active = list(range(n))
+        for _ in range(max_tokens):
+            if not active:
+                break
+            lp = self.next_logprobs([context + seqs[i] for i in active])
+            tokens = draw(lp, generator)
+            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            still = []
+            for row, i in enumerate(active):
+                tok = int(tokens[row])
+                seqs[i].append(tok)
+                total[i] += picked[row]
+                if tok != self.eos_id:
+                    still.append(i)
+            active = still
+        return SampleBatch(seqs, total)
+
+    @torch.no_grad()
+    def score(
+        self, sequences: Sequence[Sequence[int]], *, prompt: str = "", batch_size: int = 64
+    ) -> Tensor:
+        """Exact log-probability [N] (float64) of each sequence given the prompt."""
+        context = self.context_ids(prompt)
+        out = torch.zeros(len(sequences), dtype=torch.float64)
+        longest = max((len(s) for s in sequences), default=0)
+        for t in range(longest):
+            rows = [i for i, s in enumerate(sequences) if len(s) > t]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                lp = self.next_logprobs([context + list(sequences[i][:t]) for i in chunk])
+                tok = torch.tensor([sequences[i][t] for i in chunk], device=lp.device)
+                out[chunk] += lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu()
+        return out
+
+    @torch.no_grad()
+    def enumerate(self, max_tokens: int, *, prompt: str = "", limit: int = 200_000) -> SampleBatch:
+        """Every sequence of at most ``max_tokens`` tokens with its exact log-probability.
+
+        Their probabilities sum to 1. Raises :class:`KldslInferenceError` when there are
+        more than ``limit`` sequences.
+        """
+        branching = self.vocab_size - 1
+        count = sum(branching**k for k in range(max_tokens)) + branching**max_tokens
+        if count > limit:
+            raise KldslInferenceError(
+                f"{self.name} has {count:,} sequences of at most {max_tokens} tokens, more than "
+                f"the enumeration limit of {limit:,}; use a smaller vocabulary or max_tokens, "
+                "raise `limit`, or pick a sampling engine"
+            )
+        context = self.context_ids(prompt)
+        done_ids: list[Ids] = []
+        done_lp: list[float] = []
+        frontier: list[tuple[Ids, float]] = [([], 0.0)]
+        for depth in range(max_tokens):
+            grown: list[tuple[Ids, float]] = []
+            for start in range(0, len(frontier), 4096):
+                chunk = frontier[start : start + 4096]
+                lp = self.next_logprobs([context + p for p, _ in chunk]).double().cpu()
+                for row, (prefix, base) in enumerate(chunk):
+                    for tok in range(self.vocab_size):
+                        seq, value = [*prefix, tok], base + float(lp[row, tok])
+                        if tok == self.eos_id or depth == max_tokens - 1:
+                            done_ids.append(seq)
+                            done_lp.append(value)
+                        else:
+                            grown.append((seq, value))
+            frontier = grown
+        return SampleBatch(done_ids, torch.tensor(done_lp, dtype=torch.float64))
+
+
+class ToyLM(torch.nn.Module, LM):
+    """A small-vocabulary bigram LM whose every sequence can be enumerated.
+
+    Token 0 is EOS (printed as nothing); tokens 1.. are the characters of ``vocab``.
+    The next-token logits depend on the previous token (or a start state), drawn from
+    a seeded normal; ``eos_bias`` shifts EOS up or down. It is a torch module, so it can
+    be fine-tuned. It computes in float64, so enumerated probabilities sum to 1 exactly
+    up to rounding.
+
+    Example:
+        >>> lm = ToyLM(vocab="abc", seed=1)
+        >>> float(lm.enumerate(max_tokens=3).log_probs.exp().sum())  # doctest: +ELLIPSIS
+        1.0...
+    """
+
+    def __init__(
+        self,
+        vocab: str = "abc",
+        seed: int = 0,
+        scale: float = 1.0,
+        eos_bias: float = 0.0,
+        name: str = "toy",
+    ):
+        torch.nn.Module.__init__(self)
+        if len(set(vocab)) != len(vocab) or not vocab:
+            raise ValueError("ToyLM vocab must be distinct characters, e.g. 'abc'")
+        self.name = name
+        self.chars = vocab
+        self.vocab_size = len(vocab) + 1
+        self.eos_id = 0
+        self.bos_id = None
+        gen = torch.Generator().manual_seed(seed)
+        shape = (self.vocab_size + 1, self.vocab_size)
+        logits = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+        logits[:, 0] += eos_bias
+        logits[self.vocab_size, 0] = -1e4  # the empty sequence is never drawn from the start
+        # row v is the context "previous token was v"; the last row is the start state
+        self.logits = torch.nn.Parameter(logits)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"ToyLM(vocab={self.chars!r}, name={self.name!r})"
+
+    def encode(self, text: str) -> Ids:
+        try:
+            return [self.chars.index(c) + 1 for c in text]
+        except ValueError:
+            bad = next(c for c in text if c not in self.chars)
+            raise ValueError(f"{bad!r} is not in this ToyLM's vocabulary {self.chars!r}") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i - 1] for i in ids if i != self.eos_id)
+
+    def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
+        rows = torch.tensor([p[-1] if p else self.vocab_size for p in prefixes], dtype=torch.long)
+        return torch.log_softmax(self.logits[rows], dim=-1)
+
+    def tokenizer_signature(self) -> tuple:
+        return ("ToyLM", self.chars)

@@ -1,0 +1,90 @@
+"""Shared arithmetic of weighted samples: normalising, ESS, log Z, divergences, resampling.
+
+Every engine uses these; none re-derives them. All inputs are log-weights
+``log w = log p̃(x) − log q(x)`` of samples from a proposal q (``−inf`` where a hard
+constraint fails).
+
+Example:
+    >>> import torch
+    >>> log_w = torch.log(torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    >>> round(ess(log_w), 3)
+    2.667
+    >>> round(float(log_z(log_w).exp()), 3)
+    1.333
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def normalize(log_w: Tensor) -> Tensor:
+    """Self-normalised log-weights (they log-sum-exp to 0); all −inf gives all −inf."""
+    total = torch.logsumexp(log_w, 0)
+    if not torch.isfinite(total):
+        return torch.full_like(log_w, -math.inf)
+    return log_w - total
+
+
+def ess(log_w: Tensor) -> float:
+    """Kish effective sample size (Σw)² / Σw² (0 when every weight is 0)."""
+    if len(log_w) == 0 or not torch.isfinite(torch.logsumexp(log_w, 0)):
+        return 0.0
+    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+
+
+def log_z(log_w: Tensor) -> Tensor:
+    """log Ẑ = log mean(w): the unbiased importance estimate of Z, in log space."""
+    return torch.logsumexp(log_w, 0) - math.log(len(log_w))
+
+
+def log_z_se(log_w: Tensor) -> float:
+    """Standard error of log Ẑ by the delta method: sd(w) / (√n · mean(w))."""
+    n = len(log_w)
+    if n < 2 or not torch.isfinite(torch.logsumexp(log_w, 0)):
+        return math.inf
+    shift = log_w.max()
+    w = torch.exp(log_w - shift)
+    return float(w.std(unbiased=True) / (math.sqrt(n) * w.mean()))
+
+
+def kl_q_p(log_w: Tensor) -> float:
+    """KL(q‖p*) = log Z − E_q[log w], with Z estimated from the same weights (∞ when q
+    puts mass where p̃ is 0)."""
+    if torch.isinf(log_w).any():
+        return math.inf
+    return float(log_z(log_w) - log_w.mean())
+
+
+def kl_p_q(log_w: Tensor) -> float:
+    """KL(p*‖q) = E_q[(w/Z)·log(w/Z)], estimated by self-normalised weights."""
+    if not torch.isfinite(torch.logsumexp(log_w, 0)):
+        return math.nan
+    n = len(log_w)
+    log_ratio = log_w - log_z(log_w)  # log(w / Ẑ)
+    ratio = torch.exp(log_ratio)
+    terms = torch.where(ratio > 0, ratio * log_ratio, torch.zeros_like(ratio))
+    return float(terms.sum() / n)
+
+
+def tv_distance(log_p: Tensor, log_q: Tensor) -> float:
+    """Total variation ½Σ|p − q| between two normalised distributions on the same support."""
+    return float(0.5 * (log_p.exp() - log_q.exp()).abs().sum())
+
+
+def resample(log_w: Tensor, k: int, generator: torch.Generator, method: str = "multinomial") -> Tensor:
+    """Indices [k] drawn in proportion to the weights (``multinomial`` or ``systematic``)."""
+    probs = normalize(log_w).exp()
+    if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+        raise ValueError("cannot resample: every weight is zero")
+    if method == "multinomial":
+        return torch.multinomial(probs.float(), k, replacement=True, generator=generator)
+    if method == "systematic":
+        u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k)) / k
+        cdf = torch.cumsum(probs, 0)
+        cdf[-1] = 1.0
+        return torch.searchsorted(cdf, u).clamp(max=len(probs) - 1)
+    raise ValueError(f"unknown resampling method {method!r}; use 'multinomial' or 'systematic'")

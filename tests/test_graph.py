@@ -1,0 +1,147 @@
+"""The model graph: building, printing, type errors, log_density, explain."""
+
+import math
+
+import pytest
+import torch
+
+import kldsl as kl
+from kldsl.errors import KldslRewardError, KldslTypeError
+
+
+@pytest.fixture
+def toy():
+    return kl.ToyLM(vocab="ab", seed=0, name="toy")
+
+
+def test_card_model_prints(toy):
+    m = kl.prior(toy, max_tokens=4) * kl.exp(kl.sentiment / 0.2) | ~kl.curse
+    assert str(m) == "prior(toy, max_tokens=4) * exp(sentiment / 0.2) | not curse"
+
+
+def test_nodes_are_hashable_and_equal_by_structure(toy):
+    a = kl.prior(toy) * kl.exp(kl.length / 2.0) | kl.contains("a")
+    b = kl.prior(toy) * kl.exp(kl.length / 2.0) | kl.contains("a")
+    assert a == b and hash(a) == hash(b)
+    assert a != kl.prior(toy) * kl.exp(kl.length / 3.0) | kl.contains("a")
+    assert len({a, b}) == 1
+
+
+def test_printing_parenthesises_by_precedence(toy):
+    c = kl.contains("a") | kl.contains("b")
+    m = (kl.prior(toy) | c & ~(kl.curse & kl.regex("x"))) * kl.exp(-(kl.length + kl.sentiment) * 2)
+    assert str(m) == (
+        '(prior(toy) | (contains("a") or contains("b")) and not (curse and regex("x")))'
+        " * exp(-(length + sentiment) * 2.0)"
+    )
+
+
+def test_reward_bounds_follow_the_arithmetic():
+    assert (kl.sentiment / 0.5).bounds() == (-2.0, 2.0)
+    assert (-kl.offensive * 3).bounds() == (-3.0, -0.0)
+    assert (kl.sentiment + kl.offensive).bounds() == (-1.0, 2.0)
+    assert (kl.length / 2).bounds() == (0.0, math.inf)
+
+
+def test_prefix_closure_propagates():
+    assert not kl.curse.prefix_closed and kl.curse.upward_closed
+    assert (~kl.curse).prefix_closed
+    assert (~kl.curse & ~kl.contains("x")).prefix_closed
+    assert not (~kl.curse & kl.contains("x")).prefix_closed
+    assert (kl.contains("a") | kl.curse).upward_closed
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda lm: kl.exp(kl.curse), "condition on it with `model | curse`"),
+        (lambda lm: kl.prior(lm) | kl.sentiment, "`|` conditions on a constraint"),
+        (lambda lm: kl.sentiment / 0, "β must be > 0"),
+        (lambda lm: kl.sentiment / -0.5, "exp(-sentiment / β)"),
+        (lambda lm: kl.prior(lm) * kl.sentiment, "tilt by it with `* exp(sentiment / β)`"),
+        (lambda lm: kl.prior(lm) * kl.curse, "condition with `| curse`"),
+        (lambda lm: (kl.exp(kl.sentiment) | kl.curse).check(), "has no prior"),
+        (lambda lm: kl.prior(lm) ** 0, "α > 0"),
+        (lambda lm: kl.prior(lm, max_tokens=0), "max_tokens must be a positive integer"),
+        (lambda lm: kl.prior(3.0), "prior() takes an LM or a model name"),
+        (lambda lm: kl.exp(lambda t: t), "exp() takes a reward"),
+    ],
+)
+def test_type_errors_say_what_to_write(toy, build, message):
+    with pytest.raises(KldslTypeError) as info:
+        build(toy)
+    assert message in str(info.value)
+
+
+def test_log_density_matches_hand_computation(toy):
+    @kl.reward(bounds=(0, 10))
+    def n_a(texts):
+        return [t.count("a") for t in texts]
+
+    m = kl.prior(toy, max_tokens=3) * kl.exp(n_a / 0.5) | ~kl.contains("bb")
+    seqs = [[1, 1, 0], [2, 2, 1], [2, 1]]
+    d = m.log_density(seqs)
+    log_a = toy.score(seqs)
+    assert d.texts == ["aa", "bba", "ba"]
+    expected = log_a + torch.tensor([2 / 0.5, 1 / 0.5, 1 / 0.5], dtype=torch.float64)
+    expected[1] = -math.inf
+    assert torch.equal(d.log_p, expected)
+    assert d.constraints['not contains("bb")'].tolist() == [True, False, True]
+    assert d.rewards["n_a"].tolist() == [2.0, 1.0, 1.0]
+    assert set(d.terms) == {"log a", "n_a / 0.5", '1[not contains("bb")]'}
+
+
+def test_log_density_uses_given_base_log_probs_and_batches(toy):
+    m = kl.prior(toy, max_tokens=3) * kl.exp(kl.length * 1.0)
+    batch = toy.sample(10, 3, seed=1)
+    d1 = m.log_density(batch.ids, base_log_probs=batch.log_probs, batch_size=3)
+    d2 = m.log_density(batch.ids)
+    assert torch.allclose(d1.log_p, d2.log_p)
+
+
+def test_product_of_experts_and_tempering(toy):
+    other = kl.ToyLM(vocab="ab", seed=5, name="other")
+    m = kl.prior(toy, max_tokens=3) * kl.prior(other) ** 0.5
+    seqs = [[1, 2, 0], [2]]
+    d = m.log_density(seqs)
+    assert torch.allclose(d.log_p, toy.score(seqs) + 0.5 * other.score(seqs))
+    assert str(m) == "prior(toy, max_tokens=3) * prior(other) ** 0.5"
+
+
+def test_product_of_experts_needs_one_tokenizer(toy):
+    other = kl.ToyLM(vocab="xyz", seed=5, name="other")
+    with pytest.raises(KldslTypeError, match="share a tokenizer"):
+        (kl.prior(toy) * kl.prior(other)).log_density([[1, 0]])
+
+
+def test_reward_errors_name_the_reward_and_the_sample(toy):
+    @kl.reward
+    def shaky(texts):
+        return [float("nan") if "b" in t else 0.0 for t in texts]
+
+    @kl.reward
+    def boom(texts):
+        if any("a" in t for t in texts):
+            raise RuntimeError("no a please")
+        return [0.0] * len(texts)
+
+    @kl.reward
+    def short(texts):
+        return [0.0]
+
+    with pytest.raises(KldslRewardError, match=r"reward `shaky` returned nan on the sample 'ab'"):
+        (kl.prior(toy) * kl.exp(shaky)).log_density([[1, 2]])
+    with pytest.raises(
+        KldslRewardError, match=r"`boom` raised RuntimeError: no a please on the sample 'a'"
+    ):
+        (kl.prior(toy) * kl.exp(boom)).log_density([[2], [1]])
+    with pytest.raises(KldslRewardError, match="returned 1 values for 2 texts"):
+        (kl.prior(toy) * kl.exp(short)).log_density([[2], [1]])
+
+
+def test_explain_gives_the_formula_and_a_factor_table(toy):
+    m = kl.prior(toy, max_tokens=4) * kl.exp(kl.sentiment / 0.2) | ~kl.curse
+    text = m.explain()
+    assert "p̃(x) = a(x)·exp(sentiment(x)/0.2)·1[¬curse(x)]" in text
+    assert "VADER" in text and "prefix-closed" in text
+    assert text.splitlines()[0] == str(m)
