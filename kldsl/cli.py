@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -48,8 +49,66 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("chains", "burn_in", "thin", "bound", "max_proposals", "qrs_beta", "resample")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _clip(text: str, width: int = 90) -> str:
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Sample a .kl model's posterior with any engine and print the diagnostics."""
+    from kldsl.infer import infer
+    from kldsl.parser import load
+
+    console = _console()
+    model = load(args.file)
+    start = time.perf_counter()
+    samples = infer(
+        model,
+        engine=args.engine,
+        n=args.n,
+        seed=args.seed,
+        proposal=args.proposal,
+        batch_size=args.batch_size,
+        out=args.out,
+        progress=True,
+        **_engine_options(args),
+    )
+    elapsed = time.perf_counter() - start
+    console.print(samples.summary())
+    table = Table(title="highest-weight samples", title_justify="left")
+    table.add_column("weight", justify="right")
+    table.add_column("text")
+    for i in samples.best(args.show):
+        table.add_row(f"{float(samples.weights[i]):.3f}", _clip(samples.texts[i]))
+    console.print(table)
+    if args.out:
+        print(f"every draw was streamed to {args.out}")
+    if args.plot:
+        print(f"plot: {samples.plot(args.plot)}")
+    print(f"{args.engine}: {len(samples)} samples in {elapsed:.1f} s")
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from kldsl.infer import engines, get_engine
+
+    table = Table(title="engines (kl.infer(model, engine=NAME, ...))", title_justify="left")
+    for column in ("name", "description", "options"):
+        table.add_column(column)
+    for name, description in engines().items():
+        table.add_row(name, description, ", ".join(get_engine(name).options()))
+    _console().print(table)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Explain a model and show samples of its prior with their rewards and constraints."""
+    """The main job: explain a model, then compare its prior and its posterior."""
+    from kldsl.infer import infer
     from kldsl.parser import load
 
     console = _console()
@@ -57,34 +116,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.rule(f"[bold]{args.file}")
     print(model.explain())
     base = model.base()
-    console.rule(
-        f"[bold]{args.n} prior samples from {base.model if isinstance(base.model, str) else base.model.name}"
-    )
+    name = base.model if isinstance(base.model, str) else base.model.name
+    console.rule(f"[bold]posterior by importance sampling: {args.n} draws from {name}")
     start = time.perf_counter()
-    lm = base.lm
-    batch = lm.sample(args.n, base.max_tokens, prompt=base.prompt, seed=args.seed)
-    density = model.log_density(batch.ids, base_log_probs=batch.log_probs)
-    elapsed = time.perf_counter() - start
-    table = Table(show_lines=False)
-    table.add_column("#", justify="right")
-    table.add_column("text")
-    for name in density.rewards:
-        table.add_column(name, justify="right")
-    for name in density.constraints:
-        table.add_column(name, justify="center")
-    table.add_column("log p̃", justify="right")
-    for i, text in enumerate(density.texts):
-        row = [str(i), repr(base.prompt + text)[1:-1] if args.full else repr(text)[1:-1]]
-        row += [f"{float(v[i]):+.3f}" for v in density.rewards.values()]
-        row += ["✓" if bool(v[i]) else "✗" for v in density.constraints.values()]
-        row.append(f"{float(density.log_p[i]):.2f}")
-        table.add_row(*row)
-    console.print(table)
-    means = ", ".join(f"mean {k} {float(v.mean()):+.3f}" for k, v in density.rewards.items())
-    rates = ", ".join(
-        f"{k}: {float(v.double().mean()):.0%}" for k, v in density.constraints.items()
+    samples = infer(
+        model, engine="importance", n=args.n, seed=args.seed, batch_size=args.n, progress=True
     )
-    print(f"prior: {means}; {rates}  ({args.n} samples in {elapsed:.1f} s)")
+    elapsed = time.perf_counter() - start
+    table = Table(title_justify="left")
+    table.add_column("")
+    table.add_column("prior a(x)", justify="right")
+    table.add_column("posterior p*(x)", justify="right")
+    for k in samples.rewards:
+        table.add_row(
+            f"mean {k}",
+            f"{samples.reward_mean(k, weighted=False):+.3f}",
+            f"{samples.reward_mean(k):+.3f}",
+        )
+    for k in samples.constraints:
+        table.add_row(
+            f"rate {k}",
+            f"{samples.constraint_rate(k, weighted=False):.1%}",
+            f"{samples.constraint_rate(k):.1%}",
+        )
+    table.add_row("log Z", "0", f"{samples.log_z:.3f} ± {samples.log_z_se:.3f}")
+    table.add_row("ESS", f"{len(samples)}", f"{samples.ess:.1f}")
+    console.print(table)
+    posterior = samples.resample(args.show, seed=args.seed)
+    texts = Table(title="prompt: " + repr(base.prompt), title_justify="left", show_lines=True)
+    texts.add_column("prior samples")
+    texts.add_column("posterior samples (resampled)")
+    for i in range(args.show):
+        texts.add_row(_clip(samples.texts[i], 200), _clip(posterior.texts[i], 200))
+    console.print(texts)
+    print(f"{args.n} samples, weights and diagnostics in {elapsed:.1f} s")
     return 0
 
 
@@ -102,12 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch", metavar="NAME", help="fetch and convert an embedded model")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("run", help="explain a model and show samples of it")
+    p = sub.add_parser("run", help="explain a model and compare its prior and posterior")
     p.add_argument("file", help="a .kl file")
-    p.add_argument("--n", type=int, default=8, help="number of samples (default 8)")
+    p.add_argument("--n", type=int, default=64, help="number of draws (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full", action="store_true", help="show the prompt with each text")
+    p.add_argument("--show", type=int, default=4, help="texts to show (default 4)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sample", help="sample a model's posterior with an engine")
+    p.add_argument("file", help="a .kl file")
+    p.add_argument("--engine", default="importance", help="see `kldsl engines`")
+    p.add_argument("--n", type=int, default=256, help="number of samples (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proposal", help="an LM name or folder to draw from instead of the prior")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", help="stream every draw to this JSON-lines file")
+    p.add_argument("--plot", help="write a PNG of weights and rewards here")
+    p.add_argument("--show", type=int, default=5, help="best samples to show (default 5)")
+    group = p.add_argument_group("engine options (only the chosen engine's apply)")
+    group.add_argument("--bound", type=float, help="rejection: M ≥ max log w")
+    group.add_argument("--max-proposals", type=int, help="rejection/qrs: give up after this many")
+    group.add_argument("--qrs-beta", type=float, help="qrs: acceptance threshold β")
+    group.add_argument("--resample", type=int, help="importance: return N resampled samples")
+    group.add_argument("--chains", type=int, help="mcmc: number of chains")
+    group.add_argument("--burn-in", type=int, help="mcmc: steps discarded per chain")
+    group.add_argument("--thin", type=int, help="mcmc: keep every k-th step")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("engines", help="list the inference engines")
+    p.set_defaults(func=cmd_engines)
     return parser
 
 
