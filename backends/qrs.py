@@ -16,6 +16,7 @@ Z_β/β_qrs with Z_β = E_q[min(w, β_qrs)], and the divergences of p_β from p*
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kldsl import weights
+from kldsl.errors import KldslError
 from kldsl.graph import Model
 from kldsl.infer import Engine
 from kldsl.lm import LM, make_generator
@@ -59,10 +61,14 @@ def run(
     qrs_beta: float | None = None,
     max_proposals: int | None = None,
 ) -> Samples:
+    if qrs_beta is not None and not qrs_beta > 0:
+        raise KldslError(
+            f"qrs_beta must be a positive number (a threshold on w = p̃/q), got {qrs_beta!r}"
+        )
     max_proposals = max_proposals or 1000 * n
     draws: list[Draw] = []
     accepted: list[Draw] = []
-    n_accepted = tried = 0
+    n_accepted = tried = hits = 0  # hits: every acceptance, also those past n (for the rate)
     log_beta = None if qrs_beta is None else math.log(qrs_beta)
     with bar(n, "qrs", progress) as pbar:
         while n_accepted < n and tried < max_proposals:
@@ -77,6 +83,7 @@ def run(
                 log_beta = float(torch.quantile(finite, 0.9))
             u = torch.rand(size, generator=generator, dtype=torch.float64)
             keep = (torch.log(u) < draw.log_w - log_beta).nonzero().flatten().tolist()
+            hits += len(keep)
             keep = keep[: n - n_accepted]
             if keep:
                 accepted.append(draw.select(keep))
@@ -85,6 +92,12 @@ def run(
             pbar.set_postfix(tried=tried, rate=f"{n_accepted / tried:.3g}")
     if n_accepted == 0 or log_beta is None:
         raise target.no_support_error(tried)
+    if n_accepted < n:
+        warnings.warn(
+            f"qrs stopped at max_proposals={max_proposals}: {n_accepted} of {n} samples "
+            "accepted; raise max_proposals or lower qrs_beta",
+            stacklevel=2,
+        )
     everything = Draw.concat(draws)
     log_w = everything.log_w
     diag = diagnostics(log_w, log_beta)
@@ -97,7 +110,7 @@ def run(
         log_z_se=weights.log_z_se(log_w),
         n_proposed=tried,
         proposal_means=proposal_means(everything),
-        acceptance_rate=n_accepted / tried,
+        acceptance_rate=hits / tried,  # not n_accepted: the last batch's extras count too
         divergences={k: v for k, v in diag.items() if k != "acceptance_rate"},
         info={
             "qrs_beta": math.exp(log_beta),
@@ -122,6 +135,7 @@ def qrs_sweep(
     writes a PNG of the trade-off.
 
     Example:
+        >>> import kldsl as kl
         >>> rows = qrs_sweep(kl.prior(kl.ToyLM(), max_tokens=3) * kl.exp(kl.length), n=256)
         >>> rows[0]["acceptance_rate"] >= rows[-1]["acceptance_rate"]
         True

@@ -64,7 +64,7 @@ def run(
     max_proposals = max_proposals or 1000 * n
     accepted: list[Draw] = []
     draws: list[Draw] = []
-    n_accepted = tried = 0
+    n_accepted = tried = hits = 0  # hits: every acceptance, also those past n (for the rate)
     with bar(n, "rejection", progress) as pbar:
         while n_accepted < n and tried < max_proposals:
             size = min(batch_size, max_proposals - tried)
@@ -80,6 +80,7 @@ def run(
                 )
             u = torch.rand(size, generator=generator, dtype=torch.float64)
             keep = (torch.log(u) < log_w - bound).nonzero().flatten().tolist()
+            hits += len(keep)
             keep = keep[: n - n_accepted]
             draws.append(draw)
             if keep:
@@ -96,7 +97,9 @@ def run(
             stacklevel=2,
         )
     everything = Draw.concat(draws)
-    rate = n_accepted / tried
+    # The rate counts every acceptance among the `tried` proposals, also those of the last
+    # batch beyond n: dropping them but counting their proposals biases log Ẑ downwards.
+    rate = hits / tried
     log_w_all = everything.log_w
     return Samples.from_draw(
         "rejection",

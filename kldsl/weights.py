@@ -33,7 +33,8 @@ def ess(log_w: Tensor) -> float:
     """Kish effective sample size (Σw)² / Σw² (0 when every weight is 0)."""
     if len(log_w) == 0 or not torch.isfinite(torch.logsumexp(log_w, 0)):
         return 0.0
-    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+    shifted = log_w - log_w.max()  # keeps precision when log-weights are large
+    return float(torch.exp(2 * torch.logsumexp(shifted, 0) - torch.logsumexp(2 * shifted, 0)))
 
 
 def log_z(log_w: Tensor) -> Tensor:
@@ -86,5 +87,5 @@ def resample(log_w: Tensor, k: int, generator: torch.Generator, method: str = "m
         u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k)) / k
         cdf = torch.cumsum(probs, 0)
         cdf[-1] = 1.0
-        return torch.searchsorted(cdf, u).clamp(max=len(probs) - 1)
+        return torch.searchsorted(cdf, u, right=True).clamp(max=len(probs) - 1)
     raise ValueError(f"unknown resampling method {method!r}; use 'multinomial' or 'systematic'")
