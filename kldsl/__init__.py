@@ -37,6 +37,7 @@ from kldsl.graph import (
 from kldsl.infer import Engine, engines, get_engine, infer
 from kldsl.lm import LM, SampleBatch, ToyLM
 from kldsl.parser import load, parse
+from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 from kldsl.backends.qrs import qrs_sweep  # noqa: E402  (after the core it builds on)
@@ -80,8 +81,10 @@ __all__ = [
     "offensive",
     "parse",
     "prior",
+    "pyro_guide",
     "regex",
     "reward",
     "reward_model",
     "sentiment",
+    "to_pyro",
 ]

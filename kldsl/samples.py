@@ -142,7 +142,15 @@ class Samples:
             terms=pick(self.terms),
             rewards=pick(self.rewards),
             constraints=pick(self.constraints),
-            info={**self.info, "resampled_from": len(self)},
+            info={
+                **{
+                    key: [value[i] for i in index]
+                    if isinstance(value, list) and len(value) == len(self)
+                    else value
+                    for key, value in self.info.items()
+                },
+                "resampled_from": len(self),
+            },
         )
 
     def best(self, k: int = 5) -> list[int]:
@@ -274,8 +282,14 @@ class Samples:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = 1 + len(self.rewards)
-        fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+        traces = self.info.get("traces") or {}  # MCMC: statistic -> [chains, steps]
+        panels = max(1 + len(self.rewards), len(traces))
+        rows = 2 if traces else 1
+        fig, axes = plt.subplots(rows, panels, figsize=(4.5 * panels, 3.6 * rows), squeeze=False)
+        for ax in axes[0, 1 + len(self.rewards) :]:
+            ax.axis("off")
+        if traces:
+            _trace_panels(axes[1], traces)
         ax = axes[0, 0]
         w = self.weights.sort(descending=True).values.numpy()
         ax.plot(range(1, len(w) + 1), w, marker=".", lw=1)
@@ -298,6 +312,19 @@ class Samples:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _trace_panels(axes: Any, traces: dict[str, Tensor]) -> None:
+    """One trace plot per statistic, a line per chain (MCMC mixing at a glance)."""
+    for ax in axes[len(traces) :]:
+        ax.axis("off")
+    for ax, (name, trace) in zip(axes, traces.items()):
+        for c, row in enumerate(torch.as_tensor(trace).reshape(len(trace), -1)):
+            ax.plot(row.numpy(), lw=0.8, alpha=0.8, label=f"chain {c}")
+        ax.set_xlabel("kept step")
+        ax.set_title(f"trace: {name}")
+    if traces and len(next(iter(traces.values()))) <= 8:
+        axes[0].legend(fontsize=7)
 
 
 def _json_float(value: Any) -> float | None:
