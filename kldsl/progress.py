@@ -9,5 +9,11 @@ from tqdm.auto import tqdm
 
 def bar(total: int, desc: str, enabled: bool | None, unit: str = "seq") -> Any:
     """A tqdm bar; ``enabled=None`` shows it only when stderr is a terminal."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled is None else not enabled,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=None if enabled is None else not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -53,21 +53,26 @@ class SequenceDistribution(dist.TorchDistribution):
         max_tokens: int,
         *,
         grad: bool = False,
-        batch_shape: torch.Size = torch.Size(),
+        batch_shape: torch.Size | None = None,
     ):
         self.lm, self.prompt, self.max_tokens, self.grad = lm, prompt, max_tokens, grad
         # log-probs of the sequences this distribution drew, from the passes that drew them
         self._drawn: dict[tuple[int, ...], float] = {}
-        super().__init__(batch_shape, torch.Size([max_tokens]), validate_args=False)
+        shape = torch.Size() if batch_shape is None else batch_shape
+        super().__init__(shape, torch.Size([max_tokens]), validate_args=False)
 
     def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> SequenceDistribution:
         new = SequenceDistribution(
-            self.lm, self.prompt, self.max_tokens, grad=self.grad, batch_shape=torch.Size(batch_shape)
+            self.lm,
+            self.prompt,
+            self.max_tokens,
+            grad=self.grad,
+            batch_shape=torch.Size(batch_shape),
         )
         new._drawn = self._drawn
         return new
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         n = math.prod(shape)
         generator = make_generator(int(torch.randint(0, 2**62, ())))
@@ -126,7 +131,6 @@ def unpad(value: Tensor, eos_id: int) -> list[Ids]:
     return out
 
 
-
 def to_pyro(
     model: Model, *, penalty: float | None = None, plate_size: int | None = None
 ) -> Callable[[], Tensor]:
@@ -151,8 +155,13 @@ def to_pyro(
     return pyro_model
 
 
-def _body(model: Model, base: Any, prior_dist: SequenceDistribution, penalty: float | None,
-          batch: tuple[int, ...]) -> Tensor:
+def _body(
+    model: Model,
+    base: Any,
+    prior_dist: SequenceDistribution,
+    penalty: float | None,
+    batch: tuple[int, ...],
+) -> Tensor:
     x = pyro.sample("x", prior_dist.expand(batch) if batch else prior_dist)
     seqs = prior_dist.unpad(x)
     log_a = torch.as_tensor(prior_dist.log_prob(x.reshape(-1, prior_dist.max_tokens))).reshape(-1)
@@ -172,8 +181,9 @@ def _body(model: Model, base: Any, prior_dist: SequenceDistribution, penalty: fl
     return x
 
 
-def pyro_guide(lm: LM, model: Model, *, plate_size: int | None = None,
-               baseline: dict[str, Any] | None = None) -> Callable[[], Tensor]:
+def pyro_guide(
+    lm: LM, model: Model, *, plate_size: int | None = None, baseline: dict[str, Any] | None = None
+) -> Callable[[], Tensor]:
     """A Pyro guide whose trainable ``lm`` proposes site ``"x"`` for ``model``'s prior.
 
     ``baseline`` goes to the site's ``infer={"baseline": ...}`` (used by TraceGraph_ELBO's

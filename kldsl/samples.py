@@ -229,7 +229,9 @@ class Samples:
         """A rich table of the diagnostics (print it with ``rich.print``)."""
         from rich.table import Table
 
-        table = Table(title=f"{self.engine}: {len(self)} samples of {self.model}", title_justify="left")
+        table = Table(
+            title=f"{self.engine}: {len(self)} samples of {self.model}", title_justify="left"
+        )
         table.add_column("quantity")
         table.add_column("under the target", justify="right")
         table.add_column("under the proposal", justify="right")
@@ -301,8 +303,14 @@ class Samples:
             v = values.numpy()
             bins = min(30, max(5, len(set(v.tolist()))))
             ax.hist(v, bins=bins, alpha=0.5, density=True, label="draws")
-            ax.hist(v, bins=bins, weights=self.weights.numpy(), alpha=0.5, density=True,
-                    label="target (weighted)")
+            ax.hist(
+                v,
+                bins=bins,
+                weights=self.weights.numpy(),
+                alpha=0.5,
+                density=True,
+                label="target (weighted)",
+            )
             ax.set_title(name)
             ax.legend(fontsize=8)
         fig.suptitle(str(self.model), fontsize=8)

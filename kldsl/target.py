@@ -89,13 +89,15 @@ class Target:
         self.lm = self.base.lm
         self.proposal = proposal if proposal is not None else self.lm
         self.sink = sink  # a text stream that receives every draw as JSON lines
-        if self.proposal is not self.lm:
-            if self.proposal.tokenizer_signature() != self.lm.tokenizer_signature():
-                raise KldslInferenceError(
-                    f"the proposal {self.proposal.name} tokenizes differently from the prior "
-                    f"{self.lm.name}; a proposal must share the prior's tokenizer (fine-tune "
-                    "the prior itself, or use a model of the same family)"
-                )
+        if (
+            self.proposal is not self.lm
+            and self.proposal.tokenizer_signature() != self.lm.tokenizer_signature()
+        ):
+            raise KldslInferenceError(
+                f"the proposal {self.proposal.name} tokenizes differently from the prior "
+                f"{self.lm.name}; a proposal must share the prior's tokenizer (fine-tune "
+                "the prior itself, or use a model of the same family)"
+            )
 
     @property
     def max_tokens(self) -> int:

@@ -76,7 +76,9 @@ def tv_distance(log_p: Tensor, log_q: Tensor) -> float:
     return float(0.5 * (log_p.exp() - log_q.exp()).abs().sum())
 
 
-def resample(log_w: Tensor, k: int, generator: torch.Generator, method: str = "multinomial") -> Tensor:
+def resample(
+    log_w: Tensor, k: int, generator: torch.Generator, method: str = "multinomial"
+) -> Tensor:
     """Indices [k] drawn in proportion to the weights (``multinomial`` or ``systematic``)."""
     probs = normalize(log_w).exp()
     if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:

@@ -44,16 +44,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Key = tuple[int, ...]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy tensors are a few numbers wide: intra-op threads only add synchronisation, which
-    on a busy 2-core machine made a [7, 3] log_softmax take milliseconds instead of µs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- rewards and constraints, each with a plain-Python twin for the brute force ------------
 
 

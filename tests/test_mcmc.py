@@ -34,16 +34,6 @@ LM = kl.ToyLM(vocab="ab", seed=3)
 OTHER = kl.ToyLM(vocab="ab", seed=11, eos_bias=0.5, name="other")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy tensors are a few numbers wide; intra-op threads only add synchronisation (on a
-    busy 2-core machine they made each ToyLM step take milliseconds instead of µs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @kl.reward
 def count_a(texts):
     """Number of "a" characters."""

@@ -13,15 +13,6 @@ Z_SIGMAS = 4.0  # |estimate − exact| < Z_SIGMAS · standard error
 EXACT_TOL = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def logs(*w: float) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float64).log()
 

