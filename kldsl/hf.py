@@ -53,9 +53,9 @@ class HFLM(LM):
     max_tokens_per_forward: int = 2048
     #: most prefixes one ``next_logprobs`` forward may hold
     max_batch: int = 64
-    #: score one token per forward through the KV cache, exactly as the sampler computes:
-    #: sampling and scoring then agree bitwise on CPU, at about 4x the CPU time of the one
-    #: forward per batch whose float32 noise is about 1e-5 x sqrt(tokens) per sequence
+    #: score one token per forward through the KV cache, as the sampler computes: sampling and
+    #: scoring then agree to about 1e-7 (bitwise when the batches match), at about 4x the CPU
+    #: time of one forward per batch, whose float32 noise is about 1e-5 x sqrt(tokens)
     stepwise_score: bool = False
 
     def __init__(self, model: Any, tokenizer: Any, name: str, *, eos_id: int | None = None):

@@ -98,7 +98,7 @@ def test_stepwise_score_repeats_the_samplers_computation(tiny, monkeypatch):
     batch = tiny.sample(100, max_tokens=10, prompt="ab", seed=2)
     monkeypatch.setattr(tiny, "stepwise_score", True)
     stepwise = tiny.score(batch.ids, prompt="ab", batch_size=16)
-    assert torch.allclose(batch.log_probs, stepwise, atol=1e-9, rtol=0)
+    assert torch.allclose(batch.log_probs, stepwise, atol=1e-6, rtol=0)  # not 1e-5 noise
     seqs = [[], [3], [2], [3, 4, 5, 2], [4] * 9]
     assert torch.allclose(
         tiny.score(seqs, prompt="a", batch_size=2), LM.score(tiny, seqs, prompt="a"), atol=TOL
