@@ -49,7 +49,6 @@ from torch import Tensor
 from kldsl import weights
 from kldsl.errors import KldslError
 from kldsl.infer import Engine
-from kldsl.lm import LM, Ids, draw
 from kldsl.progress import bar
 from kldsl.samples import Samples, proposal_means
 from kldsl.target import Draw, Target
@@ -66,61 +65,6 @@ INIT_TRIES_PER_CHAIN = 1000  # proposals per chain before giving up on finding p
 
 
 @torch.no_grad()
-def sample_continuations(
-    lm: LM, context: Ids, prefixes: Sequence[Ids], max_tokens: int, generator: torch.Generator
-) -> tuple[list[Ids], list[list[float]]]:
-    """A continuation of each prefix drawn from ``lm`` (batched), with its per-token log-probs.
-
-    Each continuation ends at EOS or when prefix + continuation hold ``max_tokens`` tokens.
-
-    Example:
-        >>> import kldsl as kl, torch
-        >>> lm = kl.ToyLM(vocab="ab")
-        >>> tails, lps = sample_continuations(lm, [], [[], [1]], 3, torch.Generator())
-        >>> [len(t) == len(lp) for t, lp in zip(tails, lps)]
-        [True, True]
-    """
-    if any(len(p) >= max_tokens for p in prefixes):
-        raise ValueError(f"a prefix already holds max_tokens={max_tokens} tokens")
-    tails: list[Ids] = [[] for _ in prefixes]
-    token_lp: list[list[float]] = [[] for _ in prefixes]
-    active = list(range(len(prefixes)))
-    while active:
-        lp = lm.next_logprobs([context + list(prefixes[k]) + tails[k] for k in active])
-        tokens = draw(lp, generator)
-        picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
-        still = []
-        for row, k in enumerate(active):
-            tok = int(tokens[row])
-            tails[k].append(tok)
-            token_lp[k].append(float(picked[row]))
-            if tok != lm.eos_id and len(prefixes[k]) + len(tails[k]) < max_tokens:
-                still.append(k)
-        active = still
-    return tails, token_lp
-
-
-@torch.no_grad()
-def token_log_probs(lm: LM, context: Ids, sequences: Sequence[Ids]) -> list[list[float]]:
-    """Per-token log-probabilities of each sequence under ``lm`` (they sum to ``lm.score``).
-
-    Example:
-        >>> import kldsl as kl, torch
-        >>> lm = kl.ToyLM(vocab="ab")
-        >>> [len(t) for t in token_log_probs(lm, [], [[1, 0], [2, 1, 1]])]
-        [2, 3]
-    """
-    out: list[list[float]] = [[] for _ in sequences]
-    for t in range(max((len(s) for s in sequences), default=0)):
-        rows = [k for k, s in enumerate(sequences) if len(s) > t]
-        lp = lm.next_logprobs([context + list(sequences[k][:t]) for k in rows])
-        tok = torch.tensor([sequences[k][t] for k in rows], device=lp.device)
-        picked = lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu().tolist()
-        for k, value in zip(rows, picked):
-            out[k].append(value)
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # The moves as pure functions (the sampler and the exact tests both use these)
 # ---------------------------------------------------------------------------------------
@@ -250,7 +194,6 @@ def init(
     target: Target, chains: int, generator: torch.Generator, batch_size: int
 ) -> tuple[ChainState, Draw]:
     """Start each chain at a proposal with p̃ > 0; also returns every proposal made."""
-    context = target.proposal.context_ids(target.base.prompt)
     max_tries = INIT_TRIES_PER_CHAIN * chains
     start: list[Draw] = []
     start_lp: list[list[float]] = []
@@ -258,8 +201,8 @@ def init(
     tried = found = 0
     while found < chains and tried < max_tries:
         size = min(max(batch_size, chains), max_tries - tried)
-        ids, lps = sample_continuations(
-            target.proposal, context, [[]] * size, target.max_tokens, generator
+        ids, lps = target.proposal.sample_continuations(
+            [[]] * size, target.max_tokens, prompt=target.base.prompt, seed=generator
         )
         batch = target.evaluate(ids, torch.tensor([sum(lp) for lp in lps], dtype=torch.float64))
         made.append(batch)
@@ -297,9 +240,8 @@ def step(
         for move, x in zip(moves, state.draw.ids)
     ]
     prefixes = [x[:i] for x, i in zip(state.draw.ids, positions)]
-    context = target.proposal.context_ids(target.base.prompt)
-    tails, tail_lp = sample_continuations(
-        target.proposal, context, prefixes, target.max_tokens, generator
+    tails, tail_lp = target.proposal.sample_continuations(
+        prefixes, target.max_tokens, prompt=target.base.prompt, seed=generator
     )
     ys = [p + t for p, t in zip(prefixes, tails)]
     lp_y = [lp[:i] + t for lp, i, t in zip(state.token_lp, positions, tail_lp)]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from kldsl.errors import KldslModelLoadError
-from kldsl.lm import LM, Ids, SampleBatch, draw
+from kldsl.lm import LM, Ids, SampleBatch, draw, make_generator
 
 # keyword arguments of ``from_pretrained`` that the tokenizer needs as well as the model
 _SHARED_KWARGS = (
@@ -188,12 +188,7 @@ class HFLM(LM):
         """Run the context once (batch 1): its KV cache and the next-token log-probs [1, V]."""
         ids = torch.tensor([context], dtype=torch.long, device=self.device)
         out = self._forward(ids, last_only=True, use_cache=True)
-        cache = out.get("cache", None)
-        if cache is None:
-            cache = out.get("past_key_values", None)
-        if cache is None:
-            raise RuntimeError(f"{self.name}: the model returned no KV cache with use_cache=True")
-        return cache, _log_softmax(out.logits[:, -1])
+        return _cache_of(out, self.name), _log_softmax(out.logits[:, -1])
 
     @torch.no_grad()
     def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
@@ -260,6 +255,77 @@ class HFLM(LM):
             )
             lp = _log_softmax(out.logits[:, -1])
         return SampleBatch(seqs, total)
+
+    @torch.no_grad()
+    def sample_continuations(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        max_tokens: int,
+        *,
+        prompt: str = "",
+        seed: int | torch.Generator | None = 0,
+    ) -> tuple[list[Ids], list[list[float]]]:
+        """Continuations of ragged prefixes with one left-padded prefill and a KV cache.
+
+        Draws exactly what :meth:`LM.sample_continuations` draws for the same generator
+        (rows leave the batch as they finish), at one token forward per step instead of a
+        forward over every whole prefix.
+        """
+        if any(len(p) >= max_tokens for p in prefixes):
+            raise ValueError(f"a prefix already holds max_tokens={max_tokens} tokens")
+        generator = make_generator(seed)
+        context = self.context_ids(prompt)
+        tails: list[Ids] = [[] for _ in prefixes]
+        token_lp: list[list[float]] = [[] for _ in prefixes]
+        for start in range(0, len(prefixes), self.max_batch):
+            rows = list(range(start, min(start + self.max_batch, len(prefixes))))
+            full = [context + list(prefixes[k]) for k in rows]
+            budget = torch.tensor([max_tokens - len(prefixes[k]) for k in rows])
+            longest = max(len(f) for f in full)
+            ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), longest), dtype=torch.long)
+            for row, f in enumerate(full):  # left padding: the last position is real
+                ids[row, longest - len(f) :] = torch.tensor(f, dtype=torch.long)
+                mask[row, longest - len(f) :] = 1
+            device = self.device
+            out = self._forward(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+                use_cache=True,
+                last_only=True,
+            )
+            cache = _cache_of(out, self.name)
+            lp = _log_softmax(out.logits[:, -1])
+            active = torch.tensor(rows)  # sequence index of each batch row
+            position = mask.sum(1)  # position id of the next token of each row
+            while True:
+                tokens = draw(lp, generator)
+                picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double()
+                for row, k in enumerate(active.tolist()):
+                    tails[k].append(int(tokens[row]))
+                    token_lp[k].append(float(picked[row]))
+                lengths = torch.tensor([len(tails[k]) for k in active.tolist()])
+                going = (tokens != self.eos_id) & (lengths < budget)
+                if not bool(going.any()):
+                    break
+                if not bool(going.all()):
+                    keep = going.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep.to(device))
+                    active, tokens, mask = active[keep], tokens[keep], mask[keep]
+                    position, budget = position[keep], budget[keep]
+                mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.long)], 1)
+                out = self._forward(
+                    tokens.unsqueeze(1).to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position.unsqueeze(1).to(device),
+                    cache=cache,
+                    use_cache=True,
+                    last_only=True,
+                )
+                position = position + 1
+                lp = _log_softmax(out.logits[:, -1])
+        return tails, token_lp
 
     @torch.no_grad()
     def score(
@@ -371,6 +437,16 @@ class HFLM(LM):
             held = torch.where(keep, held.squeeze(2), torch.zeros_like(held.squeeze(2)))
             out.append(held.sum(1).double())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _cache_of(out: Any, name: str) -> Any:
+    """The KV cache a forward with ``use_cache=True`` returned (its name varies by version)."""
+    cache = out.get("cache", None)
+    if cache is None:
+        cache = out.get("past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{name}: the model returned no KV cache with use_cache=True")
+    return cache
 
 
 def _log_softmax(logits: Tensor) -> Tensor:

@@ -146,6 +146,62 @@ class LM:
         return SampleBatch(seqs, total)
 
     @torch.no_grad()
+    def sample_continuations(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        max_tokens: int,
+        *,
+        prompt: str = "",
+        seed: int | torch.Generator | None = 0,
+    ) -> tuple[list[Ids], list[list[float]]]:
+        """A continuation of each generated prefix, with the log-prob of every token drawn.
+
+        Each continuation ends at EOS or when prefix + continuation hold ``max_tokens``
+        tokens. MCMC's suffix proposals use it; with empty prefixes it is ancestral sampling.
+
+        Example:
+            >>> tails, lps = ToyLM(vocab="ab").sample_continuations([[], [1]], 3)
+            >>> [len(t) == len(lp) for t, lp in zip(tails, lps)]
+            [True, True]
+        """
+        if any(len(p) >= max_tokens for p in prefixes):
+            raise ValueError(f"a prefix already holds max_tokens={max_tokens} tokens")
+        generator = make_generator(seed)
+        context = self.context_ids(prompt)
+        tails: list[Ids] = [[] for _ in prefixes]
+        token_lp: list[list[float]] = [[] for _ in prefixes]
+        active = list(range(len(prefixes)))
+        while active:
+            lp = self.next_logprobs([context + list(prefixes[k]) + tails[k] for k in active])
+            tokens = draw(lp, generator)
+            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            still = []
+            for row, k in enumerate(active):
+                tok = int(tokens[row])
+                tails[k].append(tok)
+                token_lp[k].append(float(picked[row]))
+                if tok != self.eos_id and len(prefixes[k]) + len(tails[k]) < max_tokens:
+                    still.append(k)
+            active = still
+        return tails, token_lp
+
+    @torch.no_grad()
+    def token_log_probs(
+        self, sequences: Sequence[Sequence[int]], *, prompt: str = ""
+    ) -> list[list[float]]:
+        """The log-probability of each token of each sequence (they sum to :meth:`score`)."""
+        context = self.context_ids(prompt)
+        out: list[list[float]] = [[] for _ in sequences]
+        for t in range(max((len(s) for s in sequences), default=0)):
+            rows = [k for k, s in enumerate(sequences) if len(s) > t]
+            lp = self.next_logprobs([context + list(sequences[k][:t]) for k in rows])
+            tok = torch.tensor([sequences[k][t] for k in rows], device=lp.device)
+            picked = lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu().tolist()
+            for k, value in zip(rows, picked):
+                out[k].append(value)
+        return out
+
+    @torch.no_grad()
     def score(
         self, sequences: Sequence[Sequence[int]], *, prompt: str = "", batch_size: int = 64
     ) -> Tensor:

@@ -206,3 +206,20 @@ def test_smollm2_sample_and_score(smollm2):
     texts = smollm2.texts(batch.ids)
     assert all(isinstance(t, str) and t.strip() for t in texts)
     assert smollm2.vocab_size == 49152 and smollm2.eos_id == 2 and smollm2.bos_id == 1
+
+
+def test_cached_continuations_match_the_generic_ones(tiny):
+    """HFLM's KV-cached continuations draw what LM.sample_continuations draws, with the
+    same per-token log-probs, and they agree with re-scoring."""
+    prompt = "a b"
+    prefixes = [[], [5], [6, 7, 5], [7]] * 6
+    fast = tiny.sample_continuations(prefixes, 8, prompt=prompt, seed=3)
+    slow = LM.sample_continuations(tiny, prefixes, 8, prompt=prompt, seed=3)
+    assert fast[0] == slow[0]
+    for a, b in zip(fast[1], slow[1]):
+        assert a == pytest.approx(b, abs=1e-5)
+    full = [p + t for p, t in zip(prefixes, fast[0])]
+    assert all(len(x) <= 8 for x in full)
+    per_token = tiny.token_log_probs(full, prompt=prompt)
+    for prefix, tail_lp, every in zip(prefixes, fast[1], per_token):
+        assert tail_lp == pytest.approx(every[len(prefix) :], abs=1e-5)

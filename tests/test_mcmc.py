@@ -55,8 +55,7 @@ def _kernel(target: Target, move_probs: dict[str, float]) -> tuple[torch.Tensor,
     every = target.lm.enumerate(target.max_tokens, prompt=target.base.prompt)
     ids = every.ids
     log_p = target.evaluate(ids).density.log_p
-    context = target.proposal.context_ids(target.base.prompt)
-    lps = mcmc.token_log_probs(target.proposal, context, ids)
+    lps = target.proposal.token_log_probs(ids, prompt=target.base.prompt)
     size = len(ids)
     proposal = torch.zeros(size, size, dtype=torch.float64)  # Σ over moves of Q(x→y)
     kernel = torch.zeros(size, size, dtype=torch.float64)
@@ -109,15 +108,14 @@ def test_detailed_balance_needs_the_length_factors(monkeypatch):
 
 
 def test_continuations_respect_max_tokens_and_score():
-    context = LM.context_ids("ab")
     prefixes = [[], [1], [2, 2]] * 20
-    tails, lps = mcmc.sample_continuations(
-        LM, context, prefixes, 3, torch.Generator().manual_seed(0)
+    tails, lps = LM.sample_continuations(
+        prefixes, 3, prompt="ab", seed=torch.Generator().manual_seed(0)
     )
     full = [p + t for p, t in zip(prefixes, tails)]
     assert all(len(x) <= 3 and (x[-1] == LM.eos_id or len(x) == 3) for x in full)
     assert all(LM.eos_id not in x[:-1] for x in full)
-    scored = mcmc.token_log_probs(LM, context, full)
+    scored = LM.token_log_probs(full, prompt="ab")
     for prefix, tail_lp, every_lp in zip(prefixes, lps, scored):
         assert tail_lp == pytest.approx(every_lp[len(prefix) :], abs=1e-12)
     assert torch.allclose(
