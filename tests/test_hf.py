@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from tiny_hf import tiny_hf, tiny_model, tiny_tokenizer
 
 from kldsl import models
 from kldsl.errors import KldslModelLoadError
@@ -16,44 +17,10 @@ CHARS = "abcdefgh "
 TOL = 1e-4
 
 
-def tiny_tokenizer():
-    """A character-level tokenizer: <pad>=0, <bos>=1, <eos>=2, then the characters."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
-
-
-def tiny_model(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.3,  # peaked next-token distributions, EOS drawn often enough
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> HFLM:
-    tokenizer = tiny_tokenizer()
-    return HFLM(tiny_model(len(tokenizer)), tokenizer, "tiny")
+    # peaked next-token distributions, so EOS is drawn often enough
+    return tiny_hf(CHARS, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from kldsl.backends.variational import coefficients, exact_divergences, make_policy
+from tiny_hf import tiny_hf
 
 import kldsl as kl
 from kldsl.errors import KldslInferenceError
@@ -293,43 +294,9 @@ def test_an_lm_without_parameters_is_a_clear_error():
         kl.infer(kl.prior(Frozen(), max_tokens=2), engine="variational", steps=1)
 
 
-def tiny_hf():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from kldsl.hf import HFLM
-
-    vocab = {"<eos>": 0, "<bos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcde ")}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        pad_token="<eos>",
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return HFLM(LlamaForCausalLM(config), tokenizer, "tiny")
-
-
 def test_lora_fine_tunes_a_tiny_hf_model(tmp_path):
     pytest.importorskip("peft")
-    lm = tiny_hf()
+    lm = tiny_hf("abcde ", hidden=16, layers=1, heads=2, tie_word_embeddings=False)
     model = kl.prior(lm, prompt="ab", max_tokens=3) | kl.contains("c")
     every = lm.enumerate(3, prompt="ab")
     before = exact_divergences(lm, model)
@@ -373,7 +340,7 @@ def test_lora_fine_tunes_a_tiny_hf_model(tmp_path):
 
 
 def test_full_fine_tuning_of_a_hf_model_saves_an_ordinary_folder(tmp_path):
-    lm = tiny_hf()
+    lm = tiny_hf("abcde ", hidden=16, layers=1, heads=2, tie_word_embeddings=False)
     model = kl.prior(lm, prompt="ab", max_tokens=3) | kl.contains("c")
     every = lm.enumerate(3, prompt="ab")
     fit = kl.infer(
