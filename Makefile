@@ -23,6 +23,12 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
+bench: setup
+	$(PY) -m benchmarks.run
+
+bench-quick: setup
+	$(PY) -m benchmarks.run --quick
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

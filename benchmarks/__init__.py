@@ -1,0 +1,1 @@
+"""Measured comparisons: `make bench` runs them and writes results/*.json and PNG plots."""
