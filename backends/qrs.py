@@ -16,7 +16,6 @@ Z_β/β_qrs with Z_β = E_q[min(w, β_qrs)], and the divergences of p_β from p*
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ import torch
 from torch import Tensor
 
 from kldsl import weights
+from kldsl.acceptance import accept_until
 from kldsl.errors import KldslError
 from kldsl.graph import Model
 from kldsl.infer import Engine
 from kldsl.lm import LM, make_generator
-from kldsl.progress import bar
 from kldsl.samples import Samples, proposal_means
 from kldsl.target import Draw, Target
 
@@ -65,52 +64,40 @@ def run(
         raise KldslError(
             f"qrs_beta must be a positive number (a threshold on w = p̃/q), got {qrs_beta!r}"
         )
-    max_proposals = max_proposals or 1000 * n
-    draws: list[Draw] = []
-    accepted: list[Draw] = []
-    n_accepted = tried = hits = 0  # hits: every acceptance, also those past n (for the rate)
     log_beta = None if qrs_beta is None else math.log(qrs_beta)
-    with bar(n, "qrs", progress) as pbar:
-        while n_accepted < n and tried < max_proposals:
-            size = min(batch_size, max_proposals - tried)
-            draw = target.draw(size, generator)
-            tried += size
-            draws.append(draw)
-            if log_beta is None:  # default: the 90th percentile of the first batch's weights
-                finite = draw.log_w[torch.isfinite(draw.log_w)]
-                if len(finite) == 0:
-                    continue
-                log_beta = float(torch.quantile(finite, 0.9))
-            u = torch.rand(size, generator=generator, dtype=torch.float64)
-            keep = (torch.log(u) < draw.log_w - log_beta).nonzero().flatten().tolist()
-            hits += len(keep)
-            keep = keep[: n - n_accepted]
-            if keep:
-                accepted.append(draw.select(keep))
-                n_accepted += len(keep)
-            pbar.update(len(keep))
-            pbar.set_postfix(tried=tried, rate=f"{n_accepted / tried:.3g}")
-    if n_accepted == 0 or log_beta is None:
-        raise target.no_support_error(tried)
-    if n_accepted < n:
-        warnings.warn(
-            f"qrs stopped at max_proposals={max_proposals}: {n_accepted} of {n} samples "
-            "accepted; raise max_proposals or lower qrs_beta",
-            stacklevel=2,
-        )
-    everything = Draw.concat(draws)
-    log_w = everything.log_w
+
+    def log_accept(draw: Draw) -> Tensor:
+        nonlocal log_beta
+        if log_beta is None:  # default: the 90th percentile of the first weights seen
+            finite = draw.log_w[torch.isfinite(draw.log_w)]
+            if len(finite) == 0:
+                return torch.full_like(draw.log_w, -math.inf)
+            log_beta = float(torch.quantile(finite, 0.9))
+        return draw.log_w - log_beta
+
+    run = accept_until(
+        target,
+        n,
+        generator,
+        batch_size,
+        progress,
+        log_accept,
+        name="qrs",
+        max_proposals=max_proposals,
+        advice="raise max_proposals or lower qrs_beta",
+    )
+    log_w = run.proposed.log_w
     diag = diagnostics(log_w, log_beta)
     return Samples.from_draw(
         "qrs",
         target.model,
-        Draw.concat(accepted),
-        torch.zeros(n_accepted, dtype=torch.float64),
+        run.accepted,
+        torch.zeros(len(run.accepted), dtype=torch.float64),
         log_z=float(weights.log_z(log_w)),
         log_z_se=weights.log_z_se(log_w),
-        n_proposed=tried,
-        proposal_means=proposal_means(everything),
-        acceptance_rate=hits / tried,  # not n_accepted: the last batch's extras count too
+        n_proposed=run.tried,
+        proposal_means=proposal_means(run.proposed),
+        acceptance_rate=run.rate,  # every acceptance, also the last batch's extras
         divergences={k: v for k, v in diag.items() if k != "acceptance_rate"},
         info={
             "qrs_beta": math.exp(log_beta),

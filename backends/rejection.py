@@ -11,15 +11,15 @@ declared upper bounds (hard constraints alone give M = 0: plain filtering); pass
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
+from torch import Tensor
 
 from kldsl import weights
+from kldsl.acceptance import accept_until
 from kldsl.errors import KldslInferenceError
 from kldsl.graph import Condition, Power, Prior, Tilt
 from kldsl.infer import Engine
-from kldsl.progress import bar
 from kldsl.samples import Samples, proposal_means
 from kldsl.target import Draw, Target
 
@@ -61,60 +61,45 @@ def run(
                 "(declare reward bounds with @kl.reward(bounds=(lo, hi))), or use the "
                 "importance or qrs engine"
             )
-    max_proposals = max_proposals or 1000 * n
-    accepted: list[Draw] = []
-    draws: list[Draw] = []
-    n_accepted = tried = hits = 0  # hits: every acceptance, also those past n (for the rate)
-    with bar(n, "rejection", progress) as pbar:
-        while n_accepted < n and tried < max_proposals:
-            size = min(batch_size, max_proposals - tried)
-            draw = target.draw(size, generator)
-            tried += size
-            log_w = draw.log_w
-            if (log_w > bound + 1e-6).any():
-                i = int(log_w.argmax())
-                raise KldslInferenceError(
-                    f"log w = {float(log_w[i]):.4f} exceeds the bound M = {bound:.4f} on the "
-                    f"sample {draw.texts[i]!r}; a declared reward bound is wrong, or pass a "
-                    "larger bound="
-                )
-            u = torch.rand(size, generator=generator, dtype=torch.float64)
-            keep = (torch.log(u) < log_w - bound).nonzero().flatten().tolist()
-            hits += len(keep)
-            keep = keep[: n - n_accepted]
-            draws.append(draw)
-            if keep:
-                accepted.append(draw.select(keep))
-                n_accepted += len(keep)
-            pbar.update(len(keep))
-            pbar.set_postfix(tried=tried, rate=f"{n_accepted / tried:.3g}")
-    if n_accepted == 0:
-        raise target.no_support_error(tried)
-    if n_accepted < n:
-        warnings.warn(
-            f"rejection sampling stopped at max_proposals={max_proposals}: {n_accepted} of {n} "
-            "samples accepted; raise max_proposals or use a better proposal",
-            stacklevel=2,
-        )
-    everything = Draw.concat(draws)
-    # The rate counts every acceptance among the `tried` proposals, also those of the last
-    # batch beyond n: dropping them but counting their proposals biases log Ẑ downwards.
-    rate = hits / tried
-    log_w_all = everything.log_w
+
+    def log_accept(draw: Draw) -> Tensor:
+        log_w = draw.log_w
+        if (log_w > bound + 1e-6).any():
+            i = int(log_w.argmax())
+            raise KldslInferenceError(
+                f"log w = {float(log_w[i]):.4f} exceeds the bound M = {bound:.4f} on the "
+                f"sample {draw.texts[i]!r}; a declared reward bound is wrong, or pass a "
+                "larger bound="
+            )
+        return log_w - bound
+
+    run = accept_until(
+        target,
+        n,
+        generator,
+        batch_size,
+        progress,
+        log_accept,
+        name="rejection sampling",
+        max_proposals=max_proposals,
+    )
+    # the rate counts every acceptance among the proposals, also those of the last batch
+    # beyond n: dropping them but counting their proposals biases log Ẑ downwards
+    rate = run.rate
     return Samples.from_draw(
         "rejection",
         target.model,
-        Draw.concat(accepted),
-        torch.zeros(n_accepted, dtype=torch.float64),
+        run.accepted,
+        torch.zeros(len(run.accepted), dtype=torch.float64),
         log_z=bound + math.log(rate),
-        log_z_se=math.sqrt((1 - rate) / (tried * rate)),
-        n_proposed=tried,
-        proposal_means=proposal_means(everything),
+        log_z_se=math.sqrt((1 - rate) / (run.tried * rate)),
+        n_proposed=run.tried,
+        proposal_means=proposal_means(run.proposed),
         acceptance_rate=rate,
         divergences={},
         info={
             "bound": bound,
-            "log_z_importance": float(weights.log_z(log_w_all)),
+            "log_z_importance": float(weights.log_z(run.proposed.log_w)),
             "proposal": target.proposal.name,
         },
     )
