@@ -1,0 +1,248 @@
+"""Benchmark 4: amortise then correct — a fine-tuned π as an importance-sampling proposal.
+
+Target: the Paris posterior of benchmark 3 (``prior(smollm2, prompt="I just got back from a
+trip to", max_tokens=32) | contains("Paris")``). Importance sampling draws x ~ q and weighs
+w = p̃(x)/q(x) with (a) q = the prior a and (b) q = the π fine-tuned by benchmark 3
+(``results/paris_fit``; when it is absent a short forward_kl fit is trained here first). The
+fine-tuning amortises the work; the weights correct π's remaining error, so both estimate the
+same p* and Z. With the prior and a pure hard constraint, w ∈ {0, 1}: ESS = the number of hits
+≈ Z·n.
+
+Reported for each proposal: ESS per 1,000 draws (standard error by bootstrap over draws),
+log Ẑ with its delta-method standard error, and its agreement with the rejection estimate of
+benchmark 3 (read from ``results/finetune_ruler.json`` when it was made with the same
+max_tokens, else measured here). Target: the fine-tuned proposal gives ≥ 10× the prior's ESS.
+
+Sizing: 512 prior draws and 256 draws from π (about 10–15 minutes on this 2-core machine
+under load). ``--quick``: max_tokens 16, 64 draws each (about 2 minutes), using whichever
+saved fit exists (``paris_fit``, then ``paris_fit_quick``), else a 2-step fit.
+
+    python -m benchmarks.amortise [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from functools import partial
+from typing import Any
+
+import torch
+
+import kldsl as kl
+from benchmarks import finetune_ruler as ruler
+from benchmarks.common import RESULTS, measure, write
+from kldsl import weights
+from kldsl.fit import json_safe
+from kldsl.models import load_lm
+
+ESS_TARGET = 10.0  # × the prior's ESS per 1,000 draws
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    max_tokens: int = 32
+    prior_draws: int = 384
+    fit_draws: int = 192
+    rejection_draws: int = 384  # only when benchmark 3's estimate is not usable
+    bootstrap: int = 2000
+    seed: int = 0
+
+
+FULL = Settings()
+QUICK = Settings(max_tokens=16, prior_draws=64, fit_draws=64, rejection_draws=64, bootstrap=500)
+
+
+def bootstrap_ess_per_1000(log_w: torch.Tensor, reps: int, seed: int) -> float:
+    """Standard error of 1000·ESS/n by resampling the draws with replacement."""
+    n = len(log_w)
+    gen = torch.Generator().manual_seed(seed)
+    values = [
+        1000 * weights.ess(log_w[torch.randint(0, n, (n,), generator=gen)]) / n for _ in range(reps)
+    ]
+    return float(torch.tensor(values).std(unbiased=True))
+
+
+def importance(
+    model: kl.Model, proposal: Any, n: int, s: Settings, name: str, seed: int
+) -> dict[str, Any]:
+    run = partial(
+        kl.infer,
+        model,
+        engine="importance",
+        proposal=proposal,
+        n=n,
+        batch_size=64,
+        seed=seed,
+        progress=False,
+    )
+    try:
+        seconds, _, samples = measure(run)
+    except kl.KldslInferenceError:  # no draw met the constraint (only plausible in quick mode)
+        return {
+            "proposal": name,
+            "draws": n,
+            "hits": 0,
+            "ess": 0.0,
+            "ess_per_1000": 0.0,
+            "ess_per_1000_se": math.nan,
+            "log_z": -math.inf,
+            "log_z_se": math.inf,
+            "seconds": math.nan,
+        }
+    log_w = samples.log_weights
+    key = [k for k in samples.proposal_means if ruler.WORD in k][0]
+    return {
+        "proposal": name,
+        "draws": n,
+        "seconds": seconds,
+        "hits": int(torch.isfinite(log_w).sum()),
+        "constraint_rate_under_q": samples.proposal_means[key],
+        "ess": samples.ess,
+        "ess_per_1000": 1000 * samples.ess / n,
+        "ess_per_1000_se": bootstrap_ess_per_1000(log_w, s.bootstrap, seed),
+        "log_z": samples.log_z,
+        "log_z_se": samples.log_z_se,
+        "kl_p_q": samples.divergences["KL(p*‖q)"],
+        "ess_per_s": samples.ess / seconds,
+    }
+
+
+def reference_z(model: kl.Model, s: Settings, quick: bool) -> dict[str, Any]:
+    """The rejection estimate of benchmark 3 when it matches, else a fresh one."""
+    path = RESULTS / "finetune_ruler.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["settings"]["max_tokens"] == s.max_tokens and stored["z"]["hits"] > 0:
+            return {**stored["z"], "source": str(path)}
+    z = ruler.measure_z(model, s.rejection_draws, seed=3000 + s.seed)
+    return {**z, "source": "measured here"}
+
+
+def fine_tuned(quick: bool) -> tuple[Any, str]:
+    """Benchmark 3's saved π, or a short forward_kl fit when none is saved."""
+    folders = ["paris_fit", "paris_fit_quick"] if quick else ["paris_fit"]
+    for folder in folders:
+        path = RESULTS / folder
+        if (path / "fit.json").is_file():
+            return load_lm(str(path)), str(path)
+    short = dataclasses.replace(
+        ruler.QUICK if quick else ruler.FULL,
+        objectives=("forward_kl",),
+        steps=2 if quick else ruler.FULL.steps,
+    )
+    fit, _ = ruler.train(ruler.target(short.max_tokens), "forward_kl", short)
+    return fit.model, f"trained here: forward_kl, {short.steps} steps × {short.batch_size}"
+
+
+def plot(rows: list[dict[str, Any]], z: dict[str, Any], path: Any, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [r["proposal"] for r in rows]
+    ax1.bar(names, [r["ess_per_1000"] for r in rows], yerr=[r["ess_per_1000_se"] for r in rows])
+    ax1.set_ylabel("ESS per 1,000 draws")
+    ax1.set_title("effective sample size", fontsize=9)
+    ax2.errorbar(
+        range(len(rows)),
+        [r["log_z"] for r in rows],
+        yerr=[r["log_z_se"] for r in rows],
+        fmt="o",
+        capsize=4,
+    )
+    if math.isfinite(z.get("log_z", -math.inf)):
+        ax2.axhline(z["log_z"], color="black", ls="--", lw=1, label="rejection")
+        se = z.get("log_z_se", 0.0)
+        ax2.axhspan(z["log_z"] - se, z["log_z"] + se, color="black", alpha=0.08)
+        ax2.legend(fontsize=7)
+    ax2.set_xticks(range(len(rows)))
+    ax2.set_xticklabels(names)
+    ax2.set_xlim(-0.5, len(rows) - 0.5)
+    ax2.set_ylabel("log Ẑ ± se")
+    ax2.set_title("log Z estimates", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def agreement(row: dict[str, Any], z: dict[str, Any]) -> dict[str, float]:
+    diff = row["log_z"] - z["log_z"]
+    se = math.sqrt(row["log_z_se"] ** 2 + z.get("log_z_se", math.inf) ** 2)
+    return {"diff": diff, "se": se, "z_score": diff / se if se > 0 else math.nan}
+
+
+def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    s = settings or (QUICK if quick else FULL)
+    model = ruler.target(s.max_tokens)
+    z = reference_z(model, s, quick)
+    lm, source = fine_tuned(quick)
+    prior_row = importance(model, None, s.prior_draws, s, "prior", seed=4000 + s.seed)
+    fit_row = importance(model, lm, s.fit_draws, s, "fine-tuned", seed=5000 + s.seed)
+    rows = [prior_row, fit_row]
+    for r in rows:
+        r["vs_rejection"] = agreement(r, z)
+        r["vs_prior"] = agreement(r, prior_row)
+        print(
+            f"{r['proposal']}: ESS/1000 {r['ess_per_1000']:.1f} ± {r['ess_per_1000_se']:.1f}, "
+            f"log Ẑ {r['log_z']:.3f} ± {r['log_z_se']:.3f} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+    ratio = fit_row["ess_per_1000"] / prior_row["ess_per_1000"] if prior_row["ess"] else math.inf
+    ratio_se = ratio * math.sqrt(
+        (fit_row["ess_per_1000_se"] / max(fit_row["ess_per_1000"], 1e-12)) ** 2
+        + (prior_row["ess_per_1000_se"] / max(prior_row["ess_per_1000"], 1e-12)) ** 2
+    )
+    agree = fit_row["vs_rejection"]
+    payload = {
+        "settings": {**dataclasses.asdict(s), "quick": quick},
+        "target": str(model),
+        "fine_tuned_from": source,
+        "rejection": z,
+        "rows": rows,
+        "ess_ratio": ratio,
+        "ess_ratio_se": ratio_se,
+        "headline": [
+            {
+                "name": "ESS per 1,000: prior proposal (± se)",
+                "value": f"{prior_row['ess_per_1000']:.1f} ± {prior_row['ess_per_1000_se']:.1f}",
+                "target": None,
+                "met": None,
+            },
+            {
+                "name": "ESS per 1,000: fine-tuned proposal (± se)",
+                "value": f"{fit_row['ess_per_1000']:.1f} ± {fit_row['ess_per_1000_se']:.1f}",
+                "target": None,
+                "met": None,
+            },
+            {
+                "name": "ESS ratio fine-tuned / prior",
+                "value": f"{ratio:.1f}× ± {ratio_se:.1f}",
+                "target": f"≥ {ESS_TARGET:g}×",
+                "met": ratio >= ESS_TARGET,
+            },
+            {
+                "name": "log Ẑ fine-tuned − log Ẑ rejection (± se)",
+                "value": f"{agree['diff']:+.3f} ± {agree['se']:.3f}",
+                "target": "within 2 se",
+                "met": abs(agree["z_score"]) <= 2,
+            },
+        ],
+    }
+    path = write("amortise", json_safe(payload))  # NaN/∞ become null
+    plot(rows, z, path.with_suffix(".png"), str(model))
+    return payload
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in main(args.quick)["headline"]:
+        print(f"{row['name']}: {row['value']} (target {row['target']}, met {row['met']})")

@@ -1,0 +1,358 @@
+"""Benchmark 3: fine-tuning the embedded model against the ruler −log Z.
+
+Target: ``prior(smollm2, prompt="I just got back from a trip to", max_tokens=32) |
+contains("Paris")``, a pure hard constraint, so p* = a(·|Paris), Z = P_a(Paris) and
+KL(p*‖a) = −log Z exactly: the divergence of the untouched prior, the ruler every
+fine-tuned π is read against. Z is measured first by rejection (plain filtering of prior
+draws, with its binomial standard error).
+
+Then the variational engine fine-tunes LoRA adapters (r=8 on the attention projections) with
+``forward_kl`` (DPG), ``reverse_kl`` (finite penalty on violations) and ``js`` (f-DPG) at the
+same sample budget (same steps × batch size, same seed, same learning rate). Per step the
+engine records the constraint rate under π, KL(π‖a) and the estimated KL(p*‖π); for
+``forward_kl``/``js`` these are self-normalised estimates on the proposal's draws, for
+``reverse_kl`` on π's own draws. Reported per objective: samples drawn and wall time until
+the per-step rate first reaches 90%, and, on fresh draws from each final π (importance
+sampling with π as proposal), its constraint rate and KL(p*‖π). The best π by that final
+KL(p*‖π) is saved to ``results/paris_fit`` for benchmark 4 (``benchmarks/amortise.py``).
+
+Sizing: on this 2-core machine, shared with other jobs (load average 3–5 while it was
+sized), one training step of 32 sequences × 32 tokens — sampling, scoring under a, and log π
+with its backward pass — takes about 2–2.5 minutes (16 sequences: about 70 s). The full run
+is therefore scaled down to about 40 minutes: rejection on 384 prior draws, 3 objectives × 5
+steps × 32 sequences (160 samples each), LoRA r=8 on q/k/v/o_proj, lr 3e-3, and 48 fresh
+draws to evaluate each final π. A pilot (4 steps × 16, forward_kl and reverse_kl at lr 1e-2;
+3 steps × 16, reverse_kl and js at lr 3e-3) chose lr 3e-3: at 1e-2 reverse_kl's KL(π‖a) ran
+to 5.5 nat in 4 steps without a single hit, at 3e-3 it stayed at 0.16. With Z ≈ 0.03 a batch
+of 32 holds about one hit, so this budget gives each objective only a handful of hits to learn
+from; it is far too small to reach the targets, which would need roughly 10× the steps on a
+free machine. ``--quick`` (max_tokens 16, forward_kl only, 2 steps of 8, rejection on 64
+draws) takes 1–2 minutes on a free machine (4–5 under load) and only shows that the pipeline
+works; it saves its fit to ``results/paris_fit_quick`` and never overwrites
+``results/paris_fit``.
+
+Targets: π reaches ≥ 90% constraint satisfaction with KL(p*‖π) ≤ 0.5 nat.
+
+    python -m benchmarks.finetune_ruler [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+
+import kldsl as kl
+from benchmarks.common import RESULTS, measure, write
+from kldsl.fit import json_safe
+
+PROMPT = "I just got back from a trip to"
+WORD = "Paris"
+OBJECTIVES = ("forward_kl", "reverse_kl", "js")
+RATE_TARGET = 0.90
+KL_TARGET = 0.5  # nat
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    max_tokens: int = 32
+    objectives: tuple[str, ...] = OBJECTIVES
+    steps: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    lora: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    rank: int = 8
+    penalty: float = 10.0  # reverse_kl: log 1[c] = −penalty on a violation instead of −∞
+    rejection_draws: int = 384  # prior draws for Z
+    eval_draws: int = 48  # fresh draws from each final π
+    seed: int = 0
+    fit_folder: str = "paris_fit"
+    progress: bool = True  # the engine's per-step bar on stderr (to follow a long run)
+
+
+FULL = Settings()
+QUICK = Settings(
+    max_tokens=16,
+    objectives=("forward_kl",),
+    steps=2,
+    batch_size=8,
+    rejection_draws=64,
+    eval_draws=16,
+    fit_folder="paris_fit_quick",
+    progress=False,
+)
+
+
+def target(max_tokens: int) -> kl.Model:
+    """The Paris posterior: the prior conditioned on containing the word."""
+    return kl.prior("smollm2", prompt=PROMPT, max_tokens=max_tokens) | kl.contains(WORD)
+
+
+def constraint_key(record: dict[str, Any]) -> str:
+    """The history / proposal_means key of the constraint (``constraint/…`` or bare)."""
+    (key,) = [k for k in record if k.startswith("constraint/")]
+    return key
+
+
+def measure_z(model: kl.Model, draws: int, seed: int) -> dict[str, Any]:
+    """Z = P_a(constraint) by rejection (filtering) on exactly ``draws`` prior samples."""
+
+    def run() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "stopped at max_proposals": we want exactly that
+            return kl.infer(
+                model,
+                engine="rejection",
+                n=draws,
+                max_proposals=draws,
+                batch_size=64,
+                seed=seed,
+                progress=False,
+            )
+
+    try:
+        seconds, _, samples = measure(run)
+    except kl.KldslInferenceError:  # no hit at all (only plausible in quick mode)
+        return {"draws": draws, "hits": 0, "z": 0.0, "z_se": math.nan, "log_z": -math.inf}
+    rate = samples.acceptance_rate
+    return {
+        "draws": samples.n_proposed,
+        "hits": len(samples),
+        "z": rate,
+        "z_se": math.sqrt(rate * (1 - rate) / samples.n_proposed),
+        "log_z": samples.log_z,
+        "log_z_se": samples.log_z_se,
+        "ruler_nat": -samples.log_z,  # KL(p*‖a)
+        "seconds": seconds,
+        "examples": samples.texts[:5],
+    }
+
+
+def curves(fit: kl.Fit, batch_size: int) -> dict[str, list[float | None]]:
+    """Per-step curves against samples drawn (non-finite values become None)."""
+
+    def num(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    key = constraint_key(fit.history[0])
+    return {
+        "step": [r["step"] for r in fit.history],
+        "samples": [r["step"] * batch_size for r in fit.history],
+        "time_s": [r["time_s"] for r in fit.history],
+        "constraint_rate": [num(r[key]) for r in fit.history],
+        # a batch without a single hit says nothing about KL(p*‖π) (the engine records 0)
+        "kl_p_pi": [num(r.get("kl_p_pi")) if r.get("ess") else None for r in fit.history],
+        "hits_ess": [num(r.get("ess")) for r in fit.history],
+        "kl_pi_a": [num(r.get("kl_pi_a")) for r in fit.history],
+        "kl_pi_p": [num(r.get("kl_pi_p")) for r in fit.history],
+        "log_z": [num(r.get("log_z")) for r in fit.history],
+        "entropy_per_token": [num(r.get("entropy_per_token")) for r in fit.history],
+    }
+
+
+def first_reach(curve: dict[str, list[Any]], level: float) -> dict[str, Any] | None:
+    """Samples drawn and wall time at the first step whose constraint rate is ≥ level."""
+    for i, rate in enumerate(curve["constraint_rate"]):
+        if rate is not None and rate >= level:
+            return {
+                "step": curve["step"][i],
+                "samples": curve["samples"][i],
+                "time_s": curve["time_s"][i],
+            }
+    return None
+
+
+def evaluate(model: kl.Model, fit: kl.Fit, draws: int, seed: int) -> dict[str, Any]:
+    """Fresh draws from the final π: its constraint rate and KL(p*‖π), log Ẑ, ESS."""
+    run = partial(
+        kl.infer,
+        model,
+        engine="importance",
+        proposal=fit.model,
+        n=draws,
+        batch_size=64,
+        seed=seed,
+        progress=False,
+    )
+    try:
+        seconds, _, samples = measure(run)
+    except kl.KldslInferenceError:  # no draw met the constraint (only plausible in quick mode)
+        return {"draws": draws, "constraint_rate": 0.0, "kl_p_pi": math.nan, "ess": 0.0}
+    key = [k for k in samples.proposal_means if WORD in k][0]
+    return {
+        "draws": draws,
+        "constraint_rate": samples.proposal_means[key],
+        "kl_p_pi": samples.divergences["KL(p*‖q)"],
+        "log_z": samples.log_z,
+        "log_z_se": samples.log_z_se,
+        "ess": samples.ess,
+        "seconds": seconds,
+        "examples": [t for t, w in zip(samples.texts, samples.weights.tolist()) if w > 0][:5],
+    }
+
+
+def train(model: kl.Model, objective: str, s: Settings) -> tuple[kl.Fit, dict[str, Any]]:
+    lora = {"r": s.rank, "target_modules": list(s.lora)}
+    options: dict[str, Any] = {"penalty": s.penalty} if objective == "reverse_kl" else {}
+
+    def run() -> kl.Fit:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reverse_kl's documented finite-penalty warning
+            return kl.infer(
+                model,
+                engine="variational",
+                objective=objective,
+                steps=s.steps,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                lora=lora,
+                seed=s.seed,
+                progress=s.progress,
+                **options,
+            )
+
+    seconds, peak, fit = measure(run)
+    curve = curves(fit, s.batch_size)
+    final = fit.history[-1]
+    out = {
+        "objective": objective,
+        "seconds": seconds,
+        "peak_mb": peak / 2**20,
+        "samples": s.steps * s.batch_size,
+        "reach_90": first_reach(curve, RATE_TARGET),
+        "final_step": {
+            "constraint_rate": final[constraint_key(final)],
+            "kl_p_pi": final.get("kl_p_pi"),
+            "kl_pi_a": final.get("kl_pi_a"),
+        },
+        "curves": curve,
+    }
+    if "proposal_updates" in final:
+        out["proposal_updates"] = final["proposal_updates"]
+    return fit, out
+
+
+def plot(runs: list[dict[str, Any]], z: dict[str, Any], path: Any, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("constraint_rate", f"constraint rate under π (contains {WORD!r})"),
+        ("kl_p_pi", "KL(p*‖π) (nat), estimated"),
+        ("kl_pi_a", "KL(π‖a) (nat)"),
+    ]
+    for ax, (key, label) in zip(axes, panels):
+        for r in runs:
+            c = r["curves"]
+            pts = [(x, y) for x, y in zip(c["samples"], c[key]) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["objective"])
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("samples drawn", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].axhline(RATE_TARGET, color="grey", ls=":", lw=1, label="90% target")
+    axes[0].set_ylim(-0.02, 1.02)
+    if math.isfinite(z.get("log_z", -math.inf)):
+        ruler = -z["log_z"]
+        axes[1].axhline(ruler, color="black", ls="--", lw=1, label=f"−log Z = {ruler:.2f}")
+        band = z.get("log_z_se", 0.0)
+        axes[1].axhspan(ruler - band, ruler + band, color="black", alpha=0.08)
+    axes[1].axhline(KL_TARGET, color="grey", ls=":", lw=1, label=f"{KL_TARGET} nat target")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline(z: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {
+            "name": f"Z = P_a({WORD}) by rejection ({z['draws']} draws), ± se",
+            "value": f"{z['z']:.4f} ± {z['z_se']:.4f}",
+            "target": None,
+            "met": None,
+        }
+    ]
+    for r in runs:
+        ev = r["eval"]
+        reach = r["reach_90"]
+        rows += [
+            {
+                "name": f"{r['objective']}: samples / wall s to 90% constraint rate",
+                "value": f"{reach['samples']} / {reach['time_s']:.0f} s"
+                if reach
+                else "not reached",
+                "target": f"within {r['samples']} samples",
+                "met": reach is not None,
+            },
+            {
+                "name": f"{r['objective']}: final constraint rate under π (fresh draws)",
+                "value": round(ev["constraint_rate"], 3),
+                "target": f"≥ {RATE_TARGET}",
+                "met": ev["constraint_rate"] >= RATE_TARGET,
+            },
+            {
+                "name": f"{r['objective']}: final KL(p*‖π) nat (ruler −log Z = "
+                f"{z.get('ruler_nat', math.nan):.2f})",
+                "value": round(ev["kl_p_pi"], 3),
+                "target": f"≤ {KL_TARGET}",
+                "met": math.isfinite(ev["kl_p_pi"]) and ev["kl_p_pi"] <= KL_TARGET,
+            },
+        ]
+    return rows
+
+
+def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    s = settings or (QUICK if quick else FULL)
+    model = target(s.max_tokens)
+    z = measure_z(model, s.rejection_draws, seed=1000 + s.seed)
+    print(f"Z = {z['z']:.4f} ± {z['z_se']:.4f} ({z['hits']}/{z['draws']})", flush=True)
+    runs: list[dict[str, Any]] = []
+    fits: dict[str, kl.Fit] = {}
+    for objective in s.objectives:
+        fit, out = train(model, objective, s)
+        out["eval"] = evaluate(model, fit, s.eval_draws, seed=2000 + s.seed)
+        fits[objective] = fit
+        runs.append(out)
+        print(
+            f"{objective}: {out['seconds']:.0f} s, reach 90% {out['reach_90']}, final rate "
+            f"{out['eval']['constraint_rate']:.3f}, KL(p*‖π) {out['eval']['kl_p_pi']:.3f}",
+            flush=True,
+        )
+
+    def final_kl(r: dict[str, Any]) -> float:
+        value = r["eval"]["kl_p_pi"]
+        return value if math.isfinite(value) else math.inf
+
+    best = min(runs, key=lambda r: (final_kl(r), r["objective"] != "forward_kl"))
+    saved = fits[best["objective"]].save(RESULTS / s.fit_folder)
+    payload = {
+        "settings": {**dataclasses.asdict(s), "quick": quick, "prompt": PROMPT},
+        "target": str(model),
+        "z": z,
+        "runs": runs,
+        "saved_fit": {"objective": best["objective"], "folder": str(saved)},
+        "headline": headline(z, runs),
+    }
+    path = write("finetune_ruler", json_safe(payload))  # NaN/∞ become null
+    plot(runs, z, path.with_suffix(".png"), f"{model}  (LoRA r={s.rank}, lr {s.lr:g})")
+    return payload
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in main(args.quick)["headline"]:
+        print(f"{row['name']}: {row['value']} (target {row['target']}, met {row['met']})")
