@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 RESULTS = Path(__file__).parent / "results"
+
+hf_logging.disable_progress_bar()  # weight-loading bars would bury the benchmarks' own lines
 
 
 def machine() -> dict[str, Any]:
