@@ -120,7 +120,7 @@ def reference_z(model: kl.Model, s: Settings, quick: bool) -> dict[str, Any]:
         stored = json.loads(path.read_text())
         if stored["settings"]["max_tokens"] == s.max_tokens and stored["z"]["hits"] > 0:
             return {**stored["z"], "source": str(path)}
-    z = ruler.measure_z(model, s.rejection_draws, seed=3000 + s.seed)
+    z, _ = ruler.measure_z(model, s.rejection_draws, seed=3000 + s.seed)
     return {**z, "source": "measured here"}
 
 
