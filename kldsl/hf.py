@@ -1,7 +1,7 @@
 """Any Hugging Face causal LM (``AutoModelForCausalLM`` + tokenizer) as a kldsl :class:`LM`.
 
 Sampling runs the shared context once, broadcasts its KV cache to every row and then
-steps token by token; scoring runs the context once per batch and all held tokens in one
+steps token by token (writing into a preallocated cache where the model supports one); scoring runs the context once per batch and all held tokens in one
 forward. Both are pure ancestral (temperature 1) and agree to float tolerance.
 
 Example::
@@ -57,6 +57,13 @@ class HFLM(LM):
     #: scoring then agree to about 1e-7 (bitwise when the batches match), at about 4x the CPU
     #: time of one forward per batch, whose float32 noise is about 1e-5 x sqrt(tokens)
     stepwise_score: bool = False
+    #: decode at most this many new tokens into a preallocated (static) KV cache, where the
+    #: model supports one: each step then writes its keys and values in place, where a
+    #: dynamic cache copies the whole cache, broadcast context included, on every step (after
+    #: a 256-token prompt that copy costs about a quarter of the time). Longer runs keep the
+    #: dynamic cache, which does not hold (and attend over) room that early EOS leaves
+    #: empty; 0 never uses a static cache
+    static_cache_max_tokens: int = 512
 
     def __init__(self, model: Any, tokenizer: Any, name: str, *, eos_id: int | None = None):
         self.model = model
@@ -190,6 +197,37 @@ class HFLM(LM):
         out = self._forward(ids, last_only=True, use_cache=True)
         return _cache_of(out, self.name), _log_softmax(out.logits[:, -1])
 
+    def _broadcast(self, context: Ids, rows: int, room: int) -> tuple[Any, Tensor]:
+        """Run the context once; a KV cache holding it for each of ``rows`` rows with room
+        for ``room`` more tokens, and the next-token log-probs [rows, V]."""
+        cache = self._static_cache(len(context), room)
+        if cache is None:
+            cache, lp = self._prefill(context)
+            cache.batch_repeat_interleave(rows)
+        else:
+            ids = torch.tensor([context], dtype=torch.long, device=self.device)
+            out = self._forward(ids, last_only=True, use_cache=True, cache=cache)
+            lp = _log_softmax(out.logits[:, -1])
+            _keep_rows(cache, torch.zeros(rows, dtype=torch.long, device=self.device))
+        return cache, lp.expand(rows, -1)
+
+    def _static_cache(self, context: int, room: int) -> Any | None:
+        """An empty static cache for ``context`` + ``room`` positions, or None (decode with the
+        dynamic cache) for long runs or where the model or the installed transformers has none."""
+        if not 0 < room <= self.static_cache_max_tokens:
+            return None
+        if not getattr(self.model, "_can_compile_fullgraph", False):
+            return None  # transformers' flag for models whose attention takes a static cache
+        try:
+            from transformers.cache_utils import StaticCache, StaticLayer
+
+            cache = StaticCache(config=self.model.config, max_cache_len=context + room)
+        except (ImportError, TypeError, ValueError, AttributeError):
+            return None
+        if not all(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", [None])):
+            return None
+        return cache
+
     @torch.no_grad()
     def next_logprobs(self, prefixes: list[Ids]) -> Tensor:
         """Log-probabilities [B, V] (float32, CPU) of the token after each prefix."""
@@ -233,9 +271,7 @@ class HFLM(LM):
         total = torch.zeros(n, dtype=torch.float64)
         if n == 0 or max_tokens <= 0:
             return SampleBatch(seqs, total)
-        cache, lp = self._prefill(self.context_ids(prompt))
-        cache.batch_repeat_interleave(n)
-        lp = lp.expand(n, -1)
+        cache, lp = self._broadcast(self.context_ids(prompt), n, max_tokens)
         active = torch.arange(n)  # sequence index of each batch row
         for step in range(max_tokens):
             tokens = draw(lp, generator)
@@ -248,7 +284,7 @@ class HFLM(LM):
                 break
             if not bool(going.all()):
                 keep = going.nonzero().squeeze(1)
-                cache.batch_select_indices(keep.to(self.device))
+                _keep_rows(cache, keep.to(self.device))
                 active, tokens = active[keep], tokens[keep]
             out = self._forward(
                 tokens.unsqueeze(1).to(self.device), cache=cache, use_cache=True, last_only=True
@@ -353,8 +389,11 @@ class HFLM(LM):
             lengths = torch.tensor([len(sequences[i]) for i in chunk])
             for row, i in enumerate(chunk):
                 ids[row, : len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
-            scorer = self._score_stepwise if self.stepwise_score else self._score_forward
-            out[torch.tensor(chunk)] = scorer(context, ids, lengths)
+            if self.stepwise_score:  # every chunk's cache has the room of the longest sequence
+                held = self._score_stepwise(context, ids, lengths, room=len(sequences[order[0]]))
+            else:
+                held = self._score_forward(context, ids, lengths)
+            out[torch.tensor(chunk)] = held
         return out
 
     def _score_forward(self, context: Ids, ids: Tensor, lengths: Tensor) -> Tensor:
@@ -380,14 +419,13 @@ class HFLM(LM):
         held_lp = torch.cat(picked, 1)
         return torch.where(mask, held_lp, torch.zeros_like(held_lp)).sum(1)
 
-    def _score_stepwise(self, context: Ids, ids: Tensor, lengths: Tensor) -> Tensor:
+    def _score_stepwise(self, context: Ids, ids: Tensor, lengths: Tensor, room: int) -> Tensor:
         """Sum of held-token log-probs of ``ids`` [B, T] (rows longest first), one token per
-        forward through the KV cache: the sampler's own computation."""
+        forward through a KV cache with ``room`` positions after the context: the sampler's
+        own computation when ``room`` is its ``max_tokens``."""
         rows, longest = ids.shape
         total = torch.zeros(rows, dtype=torch.float64)
-        cache, lp = self._prefill(context)
-        cache.batch_repeat_interleave(rows)
-        lp = lp.expand(rows, -1)
+        cache, lp = self._broadcast(context, rows, room)
         for step in range(longest):
             total[:rows] += lp.gather(1, ids[:rows, step : step + 1].to(lp.device)).squeeze(1).cpu()
             alive = int((lengths > step + 1).sum())
@@ -395,7 +433,7 @@ class HFLM(LM):
                 break
             if alive < rows:  # finished rows are the last ones: drop them like the sampler
                 rows = alive
-                cache.batch_select_indices(torch.arange(rows, device=self.device))
+                _keep_rows(cache, torch.arange(rows, device=self.device))
             step_ids = ids[:rows, step : step + 1].to(self.device)
             out = self._forward(step_ids, cache=cache, use_cache=True, last_only=True)
             lp = _log_softmax(out.logits[:, -1])
@@ -447,6 +485,18 @@ def _cache_of(out: Any, name: str) -> Any:
     if cache is None:
         raise RuntimeError(f"{name}: the model returned no KV cache with use_cache=True")
     return cache
+
+
+def _keep_rows(cache: Any, index: Tensor) -> None:
+    """Keep (or repeat) the batch rows ``index`` of a KV cache, static or dynamic."""
+    from transformers.cache_utils import StaticCache
+
+    if isinstance(cache, StaticCache):  # its layers have no batch methods of their own
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+    else:
+        cache.batch_select_indices(index)
 
 
 def _log_softmax(logits: Tensor) -> Tensor:

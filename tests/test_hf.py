@@ -93,6 +93,21 @@ def test_fast_sampler_matches_generic_sampler(tiny):
         assert torch.allclose(fast.log_probs, generic.log_probs, atol=TOL, rtol=0)
 
 
+def test_static_and_dynamic_caches_draw_the_same(tiny, monkeypatch):
+    from transformers.cache_utils import StaticCache
+
+    assert isinstance(tiny._static_cache(3, 12), StaticCache)  # the tiny llama takes one
+    assert tiny._static_cache(3, tiny.static_cache_max_tokens + 1) is None  # too long a run
+    static = tiny.sample(200, max_tokens=12, prompt="hg", seed=4)
+    monkeypatch.setattr(tiny, "static_cache_max_tokens", 0)
+    assert tiny._static_cache(3, 12) is None
+    dynamic = tiny.sample(200, max_tokens=12, prompt="hg", seed=4)
+    assert any(s[-1] == tiny.eos_id for s in static.ids)  # rows did leave the batch
+    assert static.ids == dynamic.ids
+    # the same passes over different (masked) key lengths: float32 rounding, nothing more
+    assert torch.allclose(static.log_probs, dynamic.log_probs, atol=1e-5, rtol=0)
+
+
 def test_next_logprobs_ragged_prefixes(tiny):
     prefixes = [[1, 3, 4, 5], [1], [1, 5, 5, 5, 5, 5, 5, 6], [1, 9]]
     batched = tiny.next_logprobs(prefixes)
