@@ -1,8 +1,9 @@
 """Any Hugging Face causal LM (``AutoModelForCausalLM`` + tokenizer) as a kldsl :class:`LM`.
 
 Sampling runs the shared context once, broadcasts its KV cache to every row and then
-steps token by token (writing into a preallocated cache where the model supports one); scoring runs the context once per batch and all held tokens in one
-forward. Both are pure ancestral (temperature 1) and agree to float tolerance.
+steps token by token (into a preallocated cache where the model supports one); scoring
+runs the context once per batch and all held tokens in one forward. Both are pure
+ancestral (temperature 1) and agree to float tolerance.
 
 Example::
 
@@ -191,24 +192,19 @@ class HFLM(LM):
             kwargs[self._cache_kwarg] = kwargs.pop("cache")
         return self.model(input_ids=input_ids, **kwargs)
 
-    def _prefill(self, context: Ids) -> tuple[Any, Tensor]:
-        """Run the context once (batch 1): its KV cache and the next-token log-probs [1, V]."""
+    def _prefill(self, context: Ids, cache: Any = None) -> tuple[Any, Tensor]:
+        """Run the context once (batch 1), into ``cache`` if given (else a new dynamic one):
+        its KV cache and the next-token log-probs [1, V]."""
         ids = torch.tensor([context], dtype=torch.long, device=self.device)
-        out = self._forward(ids, last_only=True, use_cache=True)
+        extra = {} if cache is None else {"cache": cache}
+        out = self._forward(ids, last_only=True, use_cache=True, **extra)
         return _cache_of(out, self.name), _log_softmax(out.logits[:, -1])
 
     def _broadcast(self, context: Ids, rows: int, room: int) -> tuple[Any, Tensor]:
         """Run the context once; a KV cache holding it for each of ``rows`` rows with room
         for ``room`` more tokens, and the next-token log-probs [rows, V]."""
-        cache = self._static_cache(len(context), room)
-        if cache is None:
-            cache, lp = self._prefill(context)
-            cache.batch_repeat_interleave(rows)
-        else:
-            ids = torch.tensor([context], dtype=torch.long, device=self.device)
-            out = self._forward(ids, last_only=True, use_cache=True, cache=cache)
-            lp = _log_softmax(out.logits[:, -1])
-            _keep_rows(cache, torch.zeros(rows, dtype=torch.long, device=self.device))
+        cache, lp = self._prefill(context, self._static_cache(len(context), room))
+        _keep_rows(cache, torch.zeros(rows, dtype=torch.long, device=self.device))
         return cache, lp.expand(rows, -1)
 
     def _static_cache(self, context: int, room: int) -> Any | None:
