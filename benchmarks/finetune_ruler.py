@@ -104,8 +104,10 @@ def constraint_key(record: dict[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Exact:
-    """The rejection hits: exact samples of p* with their log a(x), and log Ẑ (± se)."""
+    """The rejection hits: exact samples of p* (after ``prompt``) with their log a(x), and
+    log Ẑ (± se)."""
 
+    prompt: str
     ids: list[list[int]]
     log_a: torch.Tensor
     log_z: float
@@ -135,7 +137,11 @@ def measure_z(model: kl.Model, draws: int, seed: int) -> tuple[dict[str, Any], E
         return {"draws": draws, "hits": 0, "z": 0.0, "z_se": math.nan, "log_z": -math.inf}, None
     rate = samples.acceptance_rate
     exact = Exact(
-        [list(x) for x in samples.ids], samples.log_p.clone(), samples.log_z, samples.log_z_se
+        model.base().prompt,
+        [list(x) for x in samples.ids],
+        samples.log_p.clone(),
+        samples.log_z,
+        samples.log_z_se,
     )
     summary = {
         "draws": samples.n_proposed,
@@ -161,7 +167,7 @@ def kl_exact(lm: Any, exact: Exact | None) -> dict[str, float]:
     """
     if exact is None:
         return {"kl": math.nan, "se": math.nan, "samples": 0}
-    log_pi = lm.score(exact.ids, prompt=PROMPT, batch_size=32)
+    log_pi = lm.score(exact.ids, prompt=exact.prompt, batch_size=32)
     ratio = exact.log_a - log_pi
     n = len(ratio)
     spread = float(ratio.var()) / n if n > 1 else math.nan  # one hit: no spread to read

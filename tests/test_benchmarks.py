@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from benchmarks.amortise import ESS_TARGET, ess_ratio
 from benchmarks.finetune_ruler import first_reach
@@ -48,3 +49,23 @@ def test_first_reach_needs_consecutive_steps_at_the_level():
     curve["constraint_rate"][3] = 0.93
     assert first_reach(curve, 0.9) == {"step": 4, "samples": 128, "time_s": 4.0}
     assert first_reach(curve, 0.9, run=1)["step"] == 1
+
+
+def test_kl_exact_matches_the_enumerated_divergence():
+    import kldsl as kl
+    from benchmarks.finetune_ruler import kl_exact, measure_z
+
+    prior = kl.ToyLM("ab", seed=1, name="toy")
+    pi = kl.ToyLM("ab", seed=5, name="pi")
+    model = kl.prior(prior, max_tokens=3) | kl.contains("b")
+    every = kl.infer(model, engine="exact")  # the whole support, exact p*
+    log_post = every.log_weights - torch.logsumexp(every.log_weights, 0)
+    log_pi = pi.score(every.ids)
+    support = torch.isfinite(log_post)  # sequences without a "b" have p* = 0
+    truth = float((log_post.exp() * (log_post - log_pi))[support].sum())
+
+    _, exact = measure_z(model, draws=3000, seed=0)
+    got = kl_exact(pi, exact)
+    assert got["samples"] == len(exact.ids) > 100
+    assert abs(got["kl"] - truth) < 4 * got["se"]  # Z_SIGMAS of tests/test_engines.py
+    assert got["se"] < 0.25 * truth  # and the check has teeth
