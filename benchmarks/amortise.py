@@ -16,8 +16,8 @@ When the prior has no hit at all its ESS is 0 and the ratio has no value; the be
 reports the 95% lower bound that 0 hits in n draws imply (see ``ess_ratio``), and the target
 counts as met only if that bound reaches it.
 
-Sizing: 384 prior draws and 192 draws from π (about 10–15 minutes on this 2-core machine
-under load). ``--quick``: max_tokens 16, 64 draws each (about 2 minutes), using whichever
+Sizing: 384 prior draws and 192 draws from π (about 3 minutes on this 2-core machine when
+it is otherwise idle: 166 s measured). ``--quick``: max_tokens 16, 64 draws each (about 2 minutes), using whichever
 saved fit exists (``paris_fit``, then ``paris_fit_quick``), else a 2-step fit.
 
     python -m benchmarks.amortise [--quick]

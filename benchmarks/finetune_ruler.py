@@ -20,10 +20,10 @@ in the JSON, but with an ESS near 1 it reads ≈ 0 whatever π is). The best π 
 KL(p*‖π) is saved to ``results/paris_fit`` for benchmark 4 (``benchmarks/amortise.py``).
 
 Sizing: on this 2-core machine one training step of 32 sequences × 32 tokens — sampling,
-scoring under a, and log π with its backward pass — takes about 20 s when the machine is
-otherwise idle (2–2.5 minutes while other jobs share the cores). The full run is sized to
-about 35 minutes: rejection on 768 prior draws (about 2 minutes), 3 objectives × 30 steps ×
-32 sequences (960 samples and about 10 minutes each), LoRA r=8 on q/k/v/o_proj, lr 3e-3, and
+scoring under a, and log π with its backward pass — takes about 24 s when the machine is
+otherwise idle (2–2.5 minutes while other jobs share the cores). The full run takes about
+50 minutes (3,008 s measured): rejection on 768 prior draws (about 2 minutes), 3 objectives
+× 30 steps × 32 sequences (960 samples and 12–15 minutes each), LoRA r=8 on q/k/v/o_proj, lr 3e-3, and
 64 fresh draws to evaluate each final π. A pilot (4 steps × 16 at lr 1e-2; 3 steps × 16 at
 lr 3e-3) chose lr 3e-3: at 1e-2 reverse_kl's KL(π‖a) ran to 5.5 nat in 4 steps without a
 single hit, at 3e-3 it stayed at 0.16. With Z ≈ 0.02 a batch of 32 holds about one hit, so
