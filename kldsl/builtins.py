@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,16 +108,26 @@ def contains(word: str) -> Constraint:
     )
 
 
+#: longest regex() pattern accepted, in characters
+MAX_PATTERN = 10_000
+
+
 def regex(pattern: str) -> Constraint:
-    """The text matches the regular expression ``pattern`` somewhere (``re.search``)."""
+    """The text matches the regular expression ``pattern`` somewhere (a search).
+
+    Patterns run on RE2, whose matching time is linear in the text, so no pattern (a .kl
+    file's included) can hang a run. RE2 reads Python's syntax except for the features that
+    need backtracking: lookahead and lookbehind (``(?=``, ``(?!``, ``(?<=``, ``(?<!``),
+    backreferences (``\\1``, ``(?P=name)``), possessive and atomic groups, and
+    conditionals; those are a clear error.
+    """
     if not isinstance(pattern, str):
         raise KldslTypeError(f"regex() takes a pattern string; got {pattern!r}")
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
+    if len(pattern) > MAX_PATTERN:
         raise KldslTypeError(
-            f"regex({pattern!r}) is not a valid regular expression: {err}"
-        ) from err
+            f"regex(): the pattern has {len(pattern):,} characters, more than {MAX_PATTERN:,}"
+        )
+    compiled = _compile_regex(pattern)
     return Constraint(
         name="regex",
         fn=lambda texts: [compiled.search(t) is not None for t in texts],
@@ -128,13 +137,35 @@ def regex(pattern: str) -> Constraint:
     )
 
 
+def _compile_regex(pattern: str) -> Any:
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the error goes into our message, not onto stderr
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as err:
+        reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else err
+        shown = pattern if len(pattern) <= 60 else pattern[:59] + "…"
+        unsupported = (
+            "; RE2 (linear-time matching) has no lookaround, backreferences, atomic or "
+            "possessive groups, or conditionals"
+            if "perl operator" in str(reason) or "escape" in str(reason)
+            else ""
+        )
+        raise KldslTypeError(
+            f"regex({shown!r}) is not a regular expression kldsl can run: {reason}{unsupported}"
+        ) from None
+
+
 @functools.cache
 def _classifier(path: str) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        model = model.eval()
     except Exception as err:
         raise KldslModelLoadError(
             f"reward_model({path!r}): could not load a sequence-classification model from that "

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kldsl.errors import KldslRewardError, KldslTypeError
 from kldsl.lm import LM
+from kldsl.values import clip, constraint_values, reward_values
 
 Number = int | float
 
@@ -413,36 +414,22 @@ class Or(ConstraintExpr):
 def _call_leaf(leaf: Reward | Constraint, texts: list[str], dtype: torch.dtype) -> Tensor:
     kind = "reward" if dtype == torch.float64 else "constraint"
     try:
-        raw = list(leaf.fn(list(texts)))
+        raw = leaf.fn(list(texts))
     except Exception as err:  # find the text that breaks it, for the message
         for text in texts:
             try:
                 leaf.fn([text])
             except Exception as single:
                 raise KldslRewardError(
-                    f"{kind} `{leaf}` raised {type(single).__name__}: {single} on the sample "
-                    f"{text!r}"
+                    f"{kind} `{leaf}` raised {type(single).__name__}: {clip(str(single))} on the "
+                    f"sample {clip(repr(text))}"
                 ) from single
-        raise KldslRewardError(f"{kind} `{leaf}` raised {type(err).__name__}: {err}") from err
-    if len(raw) != len(texts):
         raise KldslRewardError(
-            f"{kind} `{leaf}` returned {len(raw)} values for {len(texts)} texts; a {kind} maps "
-            "a list of texts to a list of the same length"
-        )
+            f"{kind} `{leaf}` raised {type(err).__name__}: {clip(str(err))}"
+        ) from err
     if dtype == torch.bool:
-        return torch.tensor([bool(v) for v in raw], dtype=torch.bool)
-    try:
-        values = torch.tensor([float(v) for v in raw], dtype=torch.float64)
-    except (TypeError, ValueError) as err:
-        raise KldslRewardError(f"reward `{leaf}` returned a non-number: {err}") from err
-    bad = (~torch.isfinite(values)).nonzero().flatten()
-    if len(bad):
-        i = int(bad[0])
-        raise KldslRewardError(
-            f"reward `{leaf}` returned {float(values[i])} on the sample {texts[i]!r} "
-            f"({len(bad)} of {len(texts)} values are not finite); a reward must be a finite number"
-        )
-    return values
+        return constraint_values(str(leaf), texts, raw)
+    return reward_values(str(leaf), texts, raw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,6 +621,10 @@ class Prior(Model):
         if not isinstance(self.model, LM | str):
             raise KldslTypeError(
                 f'prior() takes an LM or a model name such as "smollm2"; got {self.model!r}'
+            )
+        if isinstance(self.model, str) and not self.model.strip():
+            raise KldslTypeError(
+                'prior() needs a model name or folder, such as "smollm2"; got an empty name'
             )
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise KldslTypeError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")

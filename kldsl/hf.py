@@ -102,7 +102,11 @@ class HFLM(LM):
         """Load a hub name or a local folder with the ordinary Hugging Face loading code.
 
         Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (and the
-        ones a tokenizer also takes, like ``revision``, to ``AutoTokenizer``). Raises
+        ones a tokenizer also takes, like ``revision``, to ``AutoTokenizer``). Weights load
+        from safetensors files only (``use_safetensors=True``): a ``.bin`` checkpoint is a
+        pickle, and a downloaded folder must not be able to run code; pass
+        ``use_safetensors=False`` (from Python, never from a .kl file) for a folder you
+        trust. ``trust_remote_code`` stays off unless passed. Raises
         :class:`KldslModelLoadError` saying what was tried and what to do.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,6 +114,7 @@ class HFLM(LM):
         source = os.fspath(name_or_path)
         path = Path(source).expanduser()
         name = name or source
+        kwargs.setdefault("use_safetensors", True)
         if path.is_dir():
             source = str(path)
         elif _looks_like_path(source):
@@ -136,8 +141,9 @@ class HFLM(LM):
             )
             if path.is_dir():
                 todo = (
-                    f"check that {path} holds config.json, the weights and the tokenizer files "
-                    "of a causal LM (what save_pretrained writes)"
+                    f"check that {path} holds config.json, the weights as .safetensors and the "
+                    "tokenizer files of a causal LM (what save_pretrained writes); kldsl does "
+                    "not read .bin weights, which are pickles"
                 )
             elif offline:
                 todo = (

@@ -138,6 +138,8 @@ def load_lm(name_or_path: str) -> LM:
     model cannot be loaded.
     """
     key = str(name_or_path)
+    if not key.strip():  # Path("") is the current folder
+        raise KldslModelLoadError('an empty model name; give a name such as "smollm2" or a folder')
     path = Path(key).expanduser()
     if key not in EMBEDDED and path.is_dir():
         key = str(path.resolve())
