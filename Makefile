@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
 TORCH := torch==2.13.0
 
-.PHONY: setup run test lint format bench bench-quick clean
+.PHONY: setup run test fuzz lint format bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# a long run of tests/test_fuzz.py (10^5 cases unless KLDSL_FUZZ_EXAMPLES says); prints the count
+fuzz: setup
+	KLDSL_FUZZ_EXAMPLES=$${KLDSL_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -65,4 +65,5 @@ engine = Engine(
     "exact",
     "exact posterior by enumerating every sequence of a small LM (the ground truth)",
     run,
+    batched=False,  # it enumerates (up to its own limit), whatever n and batch_size are
 )

@@ -15,7 +15,7 @@ from kldsl import weights
 from kldsl.infer import Engine
 from kldsl.progress import bar
 from kldsl.samples import Samples, proposal_means
-from kldsl.target import Draw, Target
+from kldsl.target import BatchSeeds, Draw, Target
 
 
 def run(
@@ -27,15 +27,17 @@ def run(
     progress: bool | None,
     resample: int | bool = False,
 ) -> Samples:
+    seeds = BatchSeeds(generator)
     draws: list[Draw] = []
+    running = weights.Running()  # the progress bar's ESS, in O(batch) per batch
     with bar(n, "importance", progress) as pbar:
-        while sum(len(d) for d in draws) < n:
-            size = min(batch_size, n - sum(len(d) for d in draws))
-            draws.append(target.draw(size, generator))
-            log_w = torch.cat([d.log_w for d in draws])
+        while running.count < n:
+            size = min(batch_size, n - running.count)
+            draws.append(target.draw_batch(len(draws), size, seeds))
+            running.add(draws[-1].log_w)
             pbar.update(size)
-            pbar.set_postfix(ess=f"{weights.ess(log_w):.1f}")
-    draw = Draw.concat(draws)
+            pbar.set_postfix(ess=f"{running.ess:.1f}")
+    draw = Draw.concat(draws)  # once, at the end
     log_w = draw.log_w
     if not torch.isfinite(torch.logsumexp(log_w, 0)):
         raise target.no_support_error(n)
@@ -62,4 +64,5 @@ engine = Engine(
     "importance",
     "self-normalised importance sampling from the prior or a proposal; log Z, ESS, SIR",
     run,
+    resumable=True,
 )

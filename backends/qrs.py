@@ -28,7 +28,7 @@ from kldsl.errors import KldslError
 from kldsl.graph import Model
 from kldsl.infer import Engine
 from kldsl.lm import LM, make_generator
-from kldsl.samples import Samples, proposal_means
+from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 
 
@@ -86,7 +86,7 @@ def run(
         max_proposals=max_proposals,
         advice="raise max_proposals or lower qrs_beta",
     )
-    log_w = run.proposed.log_w
+    log_w = run.proposed_log_w
     diag = diagnostics(log_w, log_beta)
     return Samples.from_draw(
         "qrs",
@@ -96,7 +96,7 @@ def run(
         log_z=float(weights.log_z(log_w)),
         log_z_se=weights.log_z_se(log_w),
         n_proposed=run.tried,
-        proposal_means=proposal_means(run.proposed),
+        proposal_means=run.proposal_means,
         acceptance_rate=run.rate,  # every acceptance, also the last batch's extras
         divergences={k: v for k, v in diag.items() if k != "acceptance_rate"},
         info={
@@ -170,4 +170,5 @@ engine = Engine(
     "qrs",
     "quasi-rejection sampling: tunable cost/accuracy with estimated divergence to the target",
     run,
+    resumable=True,
 )

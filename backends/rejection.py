@@ -20,7 +20,7 @@ from kldsl.acceptance import accept_until
 from kldsl.errors import KldslInferenceError
 from kldsl.graph import Condition, Power, Prior, Tilt
 from kldsl.infer import Engine
-from kldsl.samples import Samples, proposal_means
+from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 
 
@@ -94,12 +94,12 @@ def run(
         log_z=bound + math.log(rate),
         log_z_se=math.sqrt((1 - rate) / (run.tried * rate)),
         n_proposed=run.tried,
-        proposal_means=proposal_means(run.proposed),
+        proposal_means=run.proposal_means,
         acceptance_rate=rate,
         divergences={},
         info={
             "bound": bound,
-            "log_z_importance": float(weights.log_z(run.proposed.log_w)),
+            "log_z_importance": float(weights.log_z(run.proposed_log_w)),
             "proposal": target.proposal.name,
         },
     )
@@ -109,4 +109,5 @@ engine = Engine(
     "rejection",
     "exact samples by rejection from the prior (or a proposal with a known bound M)",
     run,
+    resumable=True,
 )

@@ -32,10 +32,14 @@ a(x|c)·exp(r(x)/β)·1[…] is the model with every prior's prompt replaced by 
 keeps its own running Ẑ_c and each shard its own baseline; metrics are means over shards.
 
 With ``output_dir``: per-step metrics go to ``metrics.jsonl`` and TensorBoard
-(``tensorboard/``), checkpoints (safetensors weights, optimizer, step, Ẑ, proposal; written
-atomically) to ``checkpoints/`` every ``checkpoint_every`` steps and at the end, and the
+(``tensorboard/``), checkpoints (weights and optimizer state as safetensors, step, Ẑ,
+proposal; written atomically, no pickle) to ``checkpoints/`` every ``checkpoint_every`` steps and at the end, and the
 final ``Fit`` to the folder itself, so ``kl.prior(output_dir)`` loads the fine-tuned LM.
-``resume=True`` continues from the latest checkpoint exactly as if never interrupted.
+``resume=True`` continues from the latest checkpoint exactly as if never interrupted; it
+refuses a run whose settings differ from the checkpoint's (objective, lr, batch_size, lora,
+penalty, seed, prompts, ...), except ``steps``, which may change to continue a run further
+(a run continued to more steps is the run with those steps). Without ``resume``, a folder
+that already holds checkpoints or a fit is refused unless ``overwrite=True``.
 
     fit = kl.infer(posterior, engine="variational", steps=200, batch_size=64, lr=1e-4)
     kl.infer(posterior, engine="importance", proposal=fit.model)
@@ -61,7 +65,7 @@ from torch import Tensor
 
 from kldsl import weights
 from kldsl.errors import KldslInferenceError
-from kldsl.fit import Fit, atomic_write, json_safe
+from kldsl.fit import Fit, atomic_write, fsync, is_fit_folder, json_safe
 from kldsl.graph import Condition, Model, Power, Prior, Product
 from kldsl.infer import Engine
 from kldsl.lm import LM, Ids
@@ -165,11 +169,43 @@ def _load_tensors(params: dict[str, torch.nn.Parameter], path: Path) -> None:
     if set(stored) != set(params):
         raise KldslInferenceError(
             f"checkpoint {path} holds other weights than this run trains (was it made with "
-            "another model or another lora setting?); start again without resume=True"
+            "another model or another lora setting?); start again with overwrite=True "
+            "(kldsl fit --overwrite)"
         )
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(stored[k].to(p.device))
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer's state without a pickle: its tensors (``optimizer.safetensors``, keyed
+    ``param/name``) and its hyper-parameters and any plain values (``optimizer.json``)."""
+    saved = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entries in saved["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}/{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    _save_tensors(tensors, folder / "optimizer.safetensors")
+    text = json.dumps({"param_groups": saved["param_groups"], "state": plain})
+    atomic_write(folder / "optimizer.json", lambda tmp: tmp.write_text(text))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what :func:`_save_optimizer` wrote (no file is unpickled)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for index, entries in meta["state"].items():
+        state.setdefault(int(index), {}).update(entries)
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _write_checkpoint(
@@ -180,25 +216,100 @@ def _write_checkpoint(
     optimizer: torch.optim.Optimizer,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step-N (each file to a temporary name, then os.replace) and point
-    checkpoints/latest at it last, so a crash at any moment leaves the previous one valid."""
+    """Write checkpoints/step-N (each file to a temporary name, fsync'ed, then os.replace)
+    and point checkpoints/latest at it last, fsync'ing each folder after each rename, so a
+    crash at any moment (of the process or of the machine) leaves the previous one valid."""
     root = folder / "checkpoints"
     final = root / f"step-{state['step']:07d}"
     work = root / f".step-{state['step']:07d}.tmp"
     shutil.rmtree(work, ignore_errors=True)
+    created = not root.is_dir()
     work.mkdir(parents=True)
+    if created:
+        fsync(folder)
     _save_tensors(policy, work / "policy.safetensors")
     if proposal is not None:
         _save_tensors(proposal, work / "proposal.safetensors")
-    atomic_write(work / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    _save_optimizer(optimizer, work)
     atomic_write(work / "state.json", lambda tmp: tmp.write_text(json.dumps(state)))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(work, final)
+    fsync(root)
     atomic_write(root / "latest", lambda tmp: tmp.write_text(final.name))
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# every setting that changes a run's draws or updates; resume refuses any other value
+# (``steps`` may change: nothing before the last step depends on it)
+_SETTINGS = (
+    "objective",
+    "model",
+    "proposal",
+    "batch_size",
+    "shards",
+    "prompts",
+    "lr",
+    "lora",
+    "penalty",
+    "baseline",
+    "max_grad_norm",
+    "base_seed",
+)
+_LABELS = {"base_seed": "base_seed (drawn from seed)", "proposal": "proposal (the start LM)"}
+
+
+def _check_resume(found: Path, stored: dict[str, Any], state: dict[str, Any], steps: int) -> None:
+    """Refuse to continue the checkpoint ``stored`` with other settings than it was made with
+    (a key an older checkpoint lacks is not compared), or at fewer steps than it has done."""
+    changed = [
+        f"{_LABELS.get(key, key)}={stored[key]!r} (this run: {state[key]!r})"
+        for key in _SETTINGS
+        if key in stored and stored[key] != state[key]
+    ]
+    if changed:
+        raise KldslInferenceError(
+            f"the checkpoint in {found} was made with other settings than this run has: "
+            f"{', '.join(changed)}; resume with the checkpoint's settings (only steps may "
+            "change) or pass overwrite=True (kldsl fit --overwrite) to start again"
+        )
+    if stored["step"] > steps:
+        raise KldslInferenceError(
+            f"the checkpoint in {found} is at step {stored['step']}, past steps={steps}; resume "
+            f"with steps ≥ {stored['step']} or pass overwrite=True (kldsl fit --overwrite) to "
+            "start again"
+        )
+
+
+def _check_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run over a folder that holds finished work (checkpoints or a fit)
+    unless ``overwrite``; with ``resume`` only a fit with no checkpoint to continue from."""
+    if resume and overwrite:
+        raise KldslInferenceError(
+            "resume=True continues the run in output_dir and overwrite=True starts it again; "
+            "pass one of them"
+        )
+    if overwrite:
+        return
+    checkpoints = folder / "checkpoints"
+    held = []
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        held.append("checkpoints")
+    if is_fit_folder(folder):
+        held.append("a fit (fit.json)")
+    if not resume and held:
+        raise KldslInferenceError(
+            f"{folder} already holds {' and '.join(held)}; pass resume=True (kldsl fit "
+            "--resume) to continue that run, or overwrite=True (kldsl fit --overwrite) to "
+            "start again and replace it"
+        )
+    if resume and latest_checkpoint(folder) is None and is_fit_folder(folder):
+        raise KldslInferenceError(
+            f"{folder} holds a fit but no checkpoint to continue from; pass overwrite=True "
+            "(kldsl fit --overwrite) instead of resume=True to start again and replace it"
+        )
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -388,6 +499,7 @@ def run(
     output_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    overwrite: bool = False,
     shards: int | None = None,
     accelerator: Any = None,
     name: str | None = None,
@@ -414,6 +526,8 @@ def run(
         raise KldslInferenceError(f"steps must be ≥ 0, got {steps}")
     if resume and output_dir is None:
         raise KldslInferenceError("resume=True needs the output_dir of the run to continue")
+    if output_dir is not None:
+        _check_output_dir(Path(output_dir), resume, overwrite)
 
     start_lm = target.proposal  # the prior, or a given LM to continue from (e.g. fit.model)
     policy = make_policy(start_lm, lora, name)
@@ -449,34 +563,38 @@ def run(
     prompt_list = _read_prompts(prompts) if conditional else [base.prompt]
     models: dict[int, Model] = {}  # the model graph conditioned on each prompt
     folder = Path(output_dir) if output_dir is not None else None
-    state: dict[str, Any] = {
-        "step": 0,
-        "base_seed": int(torch.randint(0, 2**62, (), generator=generator)),
-        "log_w_sum": [-math.inf] * len(prompt_list),  # per prompt: log Σ p̃/s so far
-        "count": [0] * len(prompt_list),  # per prompt: draws so far (running Ẑ = Σ/count)
-        "prompts": prompt_list if conditional else None,
-        "proposal_updates": 0,
+    settings = {  # _SETTINGS, as JSON gives them back from a checkpoint
         "objective": objective,
         "model": str(model),
+        "proposal": start_lm.name if start_lm is not target.lm else None,
         "batch_size": batch_size,
         "shards": shards,
+        "prompts": prompt_list if conditional else None,
+        "lr": lr,
+        "lora": _lora_info(lora),
+        "penalty": penalty if (objective == "reverse_kl" and conditions) else None,
+        "baseline": baseline,
+        "max_grad_norm": max_grad_norm,
+        "base_seed": int(torch.randint(0, 2**62, (), generator=generator)),
+    }
+    state: dict[str, Any] = {
+        "step": 0,
+        "log_w_sum": [-math.inf] * len(prompt_list),  # per prompt: log Σ p̃/s so far
+        "count": [0] * len(prompt_list),  # per prompt: draws so far (running Ẑ = Σ/count)
+        "proposal_updates": 0,
+        **json.loads(json.dumps(json_safe(settings))),
         "history": [],
     }
     if resume:
         found = latest_checkpoint(folder)  # type: ignore[arg-type]
         if found is not None:
             stored = json.loads((found / "state.json").read_text())
-            for key in ("objective", "model", "batch_size", "shards", "prompts"):
-                if stored[key] != state[key]:
-                    raise KldslInferenceError(
-                        f"the checkpoint in {found} was made with {key}={stored[key]!r}, this "
-                        f"run has {state[key]!r}; resume with the same settings or start again"
-                    )
+            _check_resume(found, stored, state, steps)
             state = stored
             _load_tensors(pi_params, found / "policy.safetensors")
             if q_params is not None:
                 _load_tensors(q_params, found / "proposal.safetensors")
-            optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True))
+            _load_optimizer(optimizer, found)
         elif main:
             warnings.warn(f"no checkpoint in {folder}: starting from step 0", stacklevel=3)
     history: list[dict[str, Any]] = state["history"]
@@ -484,7 +602,8 @@ def run(
     writer = None
     if folder is not None and main:
         folder.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume:  # an empty folder, or overwrite=True (_check_output_dir)
+            (folder / "fit.json").unlink(missing_ok=True)  # first: no longer a finished fit
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         _rewrite_metrics(folder / "metrics.jsonl", history)
         writer = _tensorboard(folder / "tensorboard", purge_step=state["step"] + 1)
@@ -735,7 +854,9 @@ def _lora_info(lora: Any) -> Any:
         return {}
     if isinstance(lora, dict):
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
-    return {"r": getattr(lora, "r", None)}
+    # a peft LoraConfig: the fields that change what is trained
+    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save")
+    return _lora_info({k: getattr(lora, k, None) for k in keys})
 
 
 # --- exact answers on enumerable LMs (tests, examples) ------------------------------------------

@@ -1,15 +1,19 @@
 """The accept/reject loop rejection sampling and quasi-rejection sampling share.
 
 Draw batches from the proposal, accept each draw x with probability exp(log_accept(x)),
-stop after ``n`` acceptances or ``max_proposals`` draws.
+stop after ``n`` acceptances or ``max_proposals`` draws. Batch k is drawn, and its
+acceptance uniforms are drawn, from generators derived from (seed, k)
+(:class:`~kldsl.target.BatchSeeds`), so a resumed ``out=`` file replays its batches through
+the same decisions. Of the proposals only their log-weights and running means are kept
+(the accepted draws are the result).
 
 Example:
     >>> import kldsl as kl, torch
     >>> target = kl.Target(kl.prior(kl.ToyLM(), max_tokens=3) | kl.contains("a"))
     >>> run = accept_until(target, 5, torch.Generator().manual_seed(0), 16, False,
     ...                    lambda draw: draw.log_w, name="filter")
-    >>> len(run.accepted), run.tried >= 5
-    (5, True)
+    >>> len(run.accepted), run.tried >= 5, len(run.proposed_log_w) == run.tried
+    (5, True, True)
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from torch import Tensor
 
 from kldsl.progress import bar
-from kldsl.target import Draw, Target
+from kldsl.samples import RunningMeans
+from kldsl.target import BatchSeeds, Draw, Target
 
 
 @dataclass
@@ -30,7 +35,8 @@ class Acceptance:
     """What an accept/reject run produced."""
 
     accepted: Draw  # the first n accepted draws
-    proposed: Draw  # every draw made (for estimates under the proposal)
+    proposed_log_w: Tensor  # [tried] log-weights of every draw made (estimates under q)
+    proposal_means: dict[str, float]  # reward means and constraint rates of every draw made
     hits: int  # every acceptance, also those past n: the unbiased acceptance count
     tried: int  # draws made
 
@@ -57,16 +63,20 @@ def accept_until(
     (default 1000·n) runs out first.
     """
     max_proposals = max_proposals or 1000 * n
+    seeds = BatchSeeds(generator)
     accepted: list[Draw] = []
-    proposed: list[Draw] = []
-    n_accepted = tried = hits = 0
+    log_ws: list[Tensor] = []
+    means = RunningMeans()
+    n_accepted = tried = hits = index = 0
     with bar(n, name, progress) as pbar:
         while n_accepted < n and tried < max_proposals:
             size = min(batch_size, max_proposals - tried)
-            draw = target.draw(size, generator)
+            draw = target.draw_batch(index, size, seeds)
+            u = torch.rand(size, generator=seeds(index, "accept"), dtype=torch.float64)
+            index += 1
             tried += size
-            proposed.append(draw)
-            u = torch.rand(size, generator=generator, dtype=torch.float64)
+            log_ws.append(draw.log_w)
+            means.add(draw)
             keep = (torch.log(u) < log_accept(draw)).nonzero().flatten().tolist()
             hits += len(keep)
             keep = keep[: n - n_accepted]
@@ -83,4 +93,4 @@ def accept_until(
             f"accepted; {advice}",
             stacklevel=3,
         )
-    return Acceptance(Draw.concat(accepted), Draw.concat(proposed), hits, tried)
+    return Acceptance(Draw.concat(accepted), torch.cat(log_ws), means.means(), hits, tried)

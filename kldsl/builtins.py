@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kldsl.errors import KldslModelLoadError, KldslTypeError
+from kldsl.errors import KldslModelLoadError, KldslTypeError, shorten
 from kldsl.graph import Constraint, Reward
 
 
@@ -179,10 +179,14 @@ def reward_model(path: str, label: str | int = 1) -> Reward:
     """log P(label | text) under a local ``AutoModelForSequenceClassification`` folder."""
     if not isinstance(path, str):
         raise KldslTypeError(f"reward_model() takes a folder path string; got {path!r}")
-    if not Path(path).exists():
+    try:
+        found = Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        found = False
+    if not found:
         raise KldslModelLoadError(
-            f"reward_model({path!r}): no such folder; give the path of a model saved with "
-            "save_pretrained()"
+            f"reward_model({shorten(repr(path))}): no such folder; give the path of a model "
+            "saved with save_pretrained()"
         )
 
     def score(texts: list[str]) -> list[float]:

@@ -8,6 +8,7 @@ kldsl run examples/positive_not_curse.kl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kldsl.errors import KldslError
+from kldsl.errors import KldslError, shorten
 
 
 def _console() -> Console:
@@ -76,6 +77,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         out=args.out,
         progress=True,
+        resume=args.resume,
+        overwrite=args.force,
         **_engine_options(args),
     )
     elapsed = time.perf_counter() - start
@@ -164,6 +167,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "output_dir": args.out,
         "resume": args.resume,
+        "overwrite": args.overwrite,
         "checkpoint_every": args.checkpoint_every,
     }
     for key in ("objective", "lr", "penalty", "prompts"):
@@ -232,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposal", help="an LM name or folder to draw from instead of the prior")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", help="stream every draw to this JSON-lines file")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted --out file (same model, engine, seed, batch size, proposal)",
+    )
+    p.add_argument(
+        "--force",
+        "--overwrite",
+        dest="force",
+        action="store_true",
+        help="replace an --out file that already holds draws (once the first new batch is written)",
+    )
     p.add_argument("--plot", help="write a PNG of weights and rewards here")
     p.add_argument("--show", type=int, default=5, help="best samples to show (default 5)")
     group = p.add_argument_group("engine options (only the chosen engine's apply)")
@@ -250,7 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="variational", help="a fitting engine (default variational)")
     p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     p.add_argument("--out", required=True, help="folder for metrics, checkpoints and the fit")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (with the same settings; --steps may change)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out folder that already holds checkpoints or a fit",
+    )
     p.add_argument(
         "--objective",
         choices=["reverse_kl", "forward_kl", "js"],
@@ -285,6 +310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KldslError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file or folder named on the command line
+        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept (see --resume)", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: say so without a wall of traceback
+        if os.environ.get("KLDSL_DEBUG"):
+            raise
+        print(
+            f"internal error ({type(err).__name__}: {shorten(str(err))}); this is a bug in kldsl, "
+            "please report it with the command you ran (KLDSL_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

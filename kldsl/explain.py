@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from kldsl.errors import shorten
 from kldsl.graph import (
     And,
     Condition,
@@ -108,7 +109,7 @@ def explain(model: Model) -> str:
                 name = prior.model if isinstance(prior.model, str) else prior.model.name
                 what = f"LM {name}"
                 if prior.prompt:
-                    what += f", prompt {prior.prompt!r}"
+                    what += f", prompt {shorten(repr(prior.prompt))}"
                 if prior is base:
                     what += f", ≤ {prior.max_tokens} tokens; the base: x is drawn from it"
                 else:

@@ -98,8 +98,10 @@ class Fit:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> Fit:
-        """A saved fit: the LM and the history (the target graph is kept as text in info)."""
+    def load(cls, folder: str | os.PathLike[str], *, into: LM | None = None) -> Fit:
+        """A saved fit: the LM and the history (the target graph is kept as text in info).
+
+        ``into`` is needed for a custom LM class only (see :func:`load_model`)."""
         folder = Path(folder)
         manifest = _manifest(folder)
         history_file = folder / "history.jsonl"
@@ -110,7 +112,7 @@ class Fit:
         )
         info = dict(manifest.get("info") or {})
         info["target"] = manifest.get("target")
-        return cls(load_model(folder), history, manifest["objective"], None, info)
+        return cls(load_model(folder, into=into), history, manifest["objective"], None, info)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """PNG of the training curves: divergences, Ẑ, entropy, loss, rewards, constraints."""
@@ -166,10 +168,13 @@ def is_fit_folder(folder: str | os.PathLike[str]) -> bool:
 
 
 def save_model(lm: LM, folder: Path) -> str:
-    """Write ``lm`` under ``folder/model`` and return its kind ("toy", "hf" or "torch").
+    """Write ``lm`` under ``folder/model`` and return its kind ("toy", "hf" or "module").
 
-    A LoRA model is saved merged (an ordinary Hugging Face folder) and its adapter alone
-    under ``folder/adapter``.
+    Everything is written as safetensors and JSON, never as a pickle: loading a folder must
+    not be able to run code. A LoRA model is saved merged (an ordinary Hugging Face folder)
+    and its adapter alone under ``folder/adapter``. Any other LM that is a
+    ``torch.nn.Module`` ("module") keeps only its parameters and buffers; its class is code,
+    so loading needs an instance to fill (``load_model(folder, into=MyLM(...))``).
     """
     model = getattr(lm, "model", None)
     if isinstance(lm, ToyLM):
@@ -189,7 +194,10 @@ def save_model(lm: LM, folder: Path) -> str:
             lm.tokenizer.save_pretrained(str(d))
 
     elif isinstance(lm, torch.nn.Module):
-        kind, write = "torch", lambda d: torch.save(lm, d / "lm.pt")
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
+        kind, write = "module", lambda d: save_file(state, str(d / "weights.safetensors"))
     else:
         raise KldslModelLoadError(
             f"cannot save {lm.name}: kldsl saves ToyLMs, Hugging Face LMs and LMs that are "
@@ -203,28 +211,78 @@ def save_model(lm: LM, folder: Path) -> str:
     return kind
 
 
-def load_model(folder: str | os.PathLike[str], name: str | None = None) -> LM:
-    """The LM of a saved Fit (what ``kl.prior(folder)`` uses)."""
+def load_model(
+    folder: str | os.PathLike[str], name: str | None = None, *, into: LM | None = None
+) -> LM:
+    """The LM of a saved Fit (what ``kl.prior(folder)`` uses).
+
+    Reads only safetensors, JSON and tokenizer files. A fit of a custom ``torch.nn.Module``
+    LM ("module") loads into ``into``, an instance of that LM's class that you build in
+    Python; kldsl never imports or unpickles code named by a file, so ``prior(folder)`` in
+    a .kl file refuses such a folder.
+
+    Example::
+
+        lm = load_model("runs/unigram", into=Unigram())
+    """
     folder = Path(folder)
     manifest = _manifest(folder)
-    kind = manifest["kind"]
+    kind = manifest.get("kind")
     name = name or manifest.get("name") or str(folder)
+    weights = folder / "model" / "weights.safetensors"
     if kind == "toy":
         from safetensors.torch import load_file
 
-        lm = ToyLM(vocab=manifest["toy"]["vocab"], name=name)
+        vocab = (manifest.get("toy") or {}).get("vocab")
+        if not isinstance(vocab, str) or not vocab:
+            raise KldslModelLoadError(f"{folder}/fit.json: a toy fit needs its vocabulary string")
+        lm = ToyLM(vocab=vocab, name=name)
+        logits = _load_tensors(weights, load_file).get("logits")
+        if logits is None or logits.shape != lm.logits.shape:
+            raise KldslModelLoadError(
+                f"{weights} holds no logits of shape {tuple(lm.logits.shape)} for the vocabulary "
+                f"{vocab!r}; the folder is damaged"
+            )
         with torch.no_grad():
-            lm.logits.copy_(load_file(str(folder / "model" / "weights.safetensors"))["logits"])
+            lm.logits.copy_(logits)
         return lm
     if kind == "hf":
         from kldsl.hf import HFLM
 
         return HFLM.from_pretrained(folder / "model", name=name)
+    if kind == "module":
+        if into is None:
+            raise KldslModelLoadError(
+                f"{folder} holds the weights of a custom LM class ({manifest.get('name')!r}); "
+                "kldsl never runs code a file names, so it cannot rebuild that class from the "
+                "folder. In Python, build the LM and fill it: "
+                "kl.fit.load_model(folder, into=YourLM(...))"
+            )
+        from safetensors.torch import load_file
+
+        if not isinstance(into, torch.nn.Module):
+            raise KldslModelLoadError("load_model(into=...) takes an LM that is a torch.nn.Module")
+        try:
+            into.load_state_dict(_load_tensors(weights, load_file))
+        except RuntimeError as err:
+            raise KldslModelLoadError(f"{weights} does not fit {into!r}: {err}") from err
+        return into
     if kind == "torch":
-        lm = torch.load(folder / "model" / "lm.pt", weights_only=False)  # a pickled module
-        lm.name = name
-        return lm
+        raise KldslModelLoadError(
+            f"{folder} was written by an older kldsl as a pickle (model/lm.pt); kldsl no longer "
+            "unpickles files, since loading a pickle can run any code. If you trust the folder, "
+            "load the module in Python yourself and save it again with Fit.save"
+        )
     raise KldslModelLoadError(f"{folder}/fit.json names an unknown model kind {kind!r}")
+
+
+def _load_tensors(path: Path, load_file: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise KldslModelLoadError(
+            f"cannot read {path} ({type(err).__name__}: {err}); the folder is damaged"
+        ) from err
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -234,34 +292,61 @@ def _manifest(folder: Path) -> dict[str, Any]:
             f"{folder} holds no saved fit (no fit.json); pass the folder given to Fit.save or "
             "the output_dir of a variational run"
         )
-    manifest = json.loads(path.read_text("utf-8"))
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KldslModelLoadError(f"cannot read {path}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KldslModelLoadError(f"{path} is not a kldsl fit manifest")
     return manifest
 
 
 def _replace_folder(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then swap it in with os.replace."""
+    """Write a folder under a temporary name, fsync what was written, then swap it in with
+    os.replace (and fsync the parent folder, so the swap itself is on disk)."""
     work = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     write(work)
+    for written in sorted(work.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync(written)  # deepest first: files, then the folders that name them
+    fsync(work)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(work, final)
+    fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 # --- small file helpers (shared with the variational engine) --------------------------------
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's contents, or a folder's entries (so that a file created or renamed in
+    it survives a crash of the machine), to disk. Folders cannot be fsync'ed on Windows."""
+    path = Path(path)
+    if path.is_dir():
+        if os.name == "nt":
+            return
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        fd = os.open(path, os.O_RDWR)  # Windows commits only files opened for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write a file under a temporary name in the same folder, then os.replace it."""
+    """Write a file under a temporary name in the same folder, fsync it, os.replace it and
+    fsync the folder: after a crash at any moment the file is the old one or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,14 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kldsl.errors import KldslRewardError, KldslTypeError
+from kldsl.errors import KldslRewardError, KldslTypeError, shorten
 from kldsl.lm import LM
-from kldsl.values import clip, constraint_values, reward_values
+from kldsl.values import constraint_values, reward_values
 
 Number = int | float
 
 # Precedence of the text grammar, loosest first; the printer parenthesises by it.
 P_COND, P_OR, P_AND, P_NOT, P_SUM, P_PROD, P_NEG, P_POW, P_ATOM = range(1, 10)
+
+#: The deepest a graph may nest (a leaf has depth 1, each operator adds one): building a
+#: deeper node is an error, so printing, evaluating and explaining (recursive) stay safe.
+MAX_DEPTH = 200
+
+# The grammar's NAME terminal: a name prints bare only when it reads back as a name.
+_NAME = re.compile(r"(?!(not|and|or)\b)[^\W\d]\w*")
 
 
 def _num(x: Number) -> str:
@@ -59,12 +68,52 @@ def _literal(value: Any) -> str:
     if isinstance(value, int | float):
         return _num(value)
     if isinstance(value, LM):
-        return value.name
-    raise KldslTypeError(f"{value!r} has no DSL literal")
+        return _name_text(value.name)
+    raise KldslTypeError(f"{shown(value)} has no DSL literal")
+
+
+def _name_text(name: str) -> str:
+    """``name`` bare when the grammar reads it as a name, else as a string literal."""
+    return name if _NAME.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+
+
+def shown(value: Any) -> str:
+    """``value`` as a message quotes it: DSL text of a node, repr of anything else, cut short."""
+    return shorten(str(value) if isinstance(value, Node) else repr(value))
+
+
+def surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (no encoder writes one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def _finite(value: float, what: Callable[[], str]) -> None:
+    """Raise unless ``value`` is finite; ``what()`` names it (built only for the message)."""
+    if not math.isfinite(value):
+        raise KldslTypeError(f"{what()} must be a finite number, got {value}")
 
 
 class Node:
     """Base of every graph node; ``str(node)`` is its DSL text."""
+
+    def __post_init__(self) -> None:
+        if self.depth > MAX_DEPTH:
+            raise KldslTypeError(
+                f"the expression nests {self.depth} levels deep, more than the {MAX_DEPTH} "
+                "kldsl allows; combine fewer terms in one expression"
+            )
+
+    @functools.cached_property
+    def depth(self) -> int:
+        """1 for a leaf, else 1 + the depth of the deepest child (cached: nodes are frozen)."""
+        return 1 + max((c.depth for c in self._children() if isinstance(c, Node)), default=0)
+
+    def _children(self) -> tuple[Any, ...]:
+        return ()
 
     def _fmt(self) -> tuple[str, int]:
         raise NotImplementedError
@@ -85,8 +134,8 @@ class RewardExpr(Node):
         c = _scalar(other, "a reward can only be divided by a number (β)")
         if c <= 0:
             raise KldslTypeError(
-                f"β must be > 0 in `{self} / β` (got {other}); to prefer low rewards write "
-                f"`exp(-{_wrap(self, P_NEG)} / β)` with a positive β"
+                f"β must be > 0 in `{shown(self)} / β` (got {other}); to prefer low rewards "
+                f"write `exp(-{shorten(_wrap(self, P_NEG))} / β)` with a positive β"
             )
         return RDiv(self, c)
 
@@ -95,8 +144,8 @@ class RewardExpr(Node):
             raise KldslTypeError("rewards multiply only with numbers; add them with `+`")
         if isinstance(other, Node):
             raise KldslTypeError(
-                f"`{self} * {other}`: a reward is not a factor of a model; "
-                f"write `exp({self}) * ...` to tilt by it"
+                f"`{shown(self)} * {shown(other)}`: a reward is not a factor of a model; "
+                f"write `exp({shown(self)}) * ...` to tilt by it"
             )
         return RMul(self, _scalar(other, "a reward can only be multiplied by a number"))
 
@@ -104,12 +153,16 @@ class RewardExpr(Node):
 
     def __add__(self, other: RewardExpr) -> RewardExpr:
         if not isinstance(other, RewardExpr):
-            raise KldslTypeError(f"`{self} + {other!r}`: only rewards can be added to a reward")
+            raise KldslTypeError(
+                f"`{shown(self)} + {shown(other)}`: only rewards can be added to a reward"
+            )
         return RAdd(self, other)
 
     def __sub__(self, other: RewardExpr) -> RewardExpr:
         if not isinstance(other, RewardExpr):
-            raise KldslTypeError(f"`{self} - {other!r}`: only rewards can be subtracted")
+            raise KldslTypeError(
+                f"`{shown(self)} - {shown(other)}`: only rewards can be subtracted"
+            )
         return RAdd(self, RNeg(other))
 
     def __neg__(self) -> RewardExpr:
@@ -117,8 +170,8 @@ class RewardExpr(Node):
 
     def __or__(self, other: Any) -> Any:
         raise KldslTypeError(
-            f"`{self} | ...`: `|` conditions a model on a constraint; "
-            f"write `prior(...) * exp({self}) | constraint`"
+            f"`{shown(self)} | ...`: `|` conditions a model on a constraint; "
+            f"write `prior(...) * exp({shown(self)}) | constraint`"
         )
 
     def bounds(self) -> tuple[float, float]:
@@ -175,6 +228,13 @@ class RDiv(RewardExpr):
     expr: RewardExpr
     c: float
 
+    def __post_init__(self) -> None:
+        _finite(self.c, lambda: f"β in `{shown(self.expr)} / β`")
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.expr,)
+
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.expr, P_PROD)} / {_num(self.c)}", P_PROD
 
@@ -195,6 +255,13 @@ class RMul(RewardExpr):
 
     expr: RewardExpr
     c: float
+
+    def __post_init__(self) -> None:
+        _finite(self.c, lambda: f"the factor c in `{shown(self.expr)} * c`")
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.expr,)
 
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.expr, P_PROD)} * {_num(self.c)}", P_PROD
@@ -220,6 +287,9 @@ class RAdd(RewardExpr):
     left: RewardExpr
     right: RewardExpr
 
+    def _children(self) -> tuple[Any, ...]:
+        return (self.left, self.right)
+
     def _fmt(self) -> tuple[str, int]:
         if isinstance(self.right, RNeg):
             return f"{_wrap(self.left, P_SUM)} - {_wrap(self.right.expr, P_PROD)}", P_SUM
@@ -241,6 +311,9 @@ class RNeg(RewardExpr):
     """``-expr``."""
 
     expr: RewardExpr
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.expr,)
 
     def _fmt(self) -> tuple[str, int]:
         return f"-{_wrap(self.expr, P_NEG)}", P_NEG
@@ -275,7 +348,8 @@ class ConstraintExpr(Node):
 
     def __mul__(self, other: Any) -> Any:
         raise KldslTypeError(
-            f"`{self} * ...`: a constraint is not a factor; write `prior(...) | {self}` "
+            f"`{shown(self)} * ...`: a constraint is not a factor; "
+            f"write `prior(...) | {shown(self)}` "
             "to condition on it"
         )
 
@@ -300,7 +374,7 @@ class ConstraintExpr(Node):
 
 def _constraint(other: Any, op: str) -> ConstraintExpr:
     if not isinstance(other, ConstraintExpr):
-        raise KldslTypeError(f"`{op}` combines two constraints; got {other!r}")
+        raise KldslTypeError(f"`{op}` combines two constraints; got {shown(other)}")
     return other
 
 
@@ -347,6 +421,9 @@ class Constraint(ConstraintExpr):
 class Not(ConstraintExpr):
     expr: ConstraintExpr
 
+    def _children(self) -> tuple[Any, ...]:
+        return (self.expr,)
+
     def _fmt(self) -> tuple[str, int]:
         return f"not {_wrap(self.expr, P_NOT)}", P_NOT
 
@@ -370,6 +447,9 @@ class And(ConstraintExpr):
     left: ConstraintExpr
     right: ConstraintExpr
 
+    def _children(self) -> tuple[Any, ...]:
+        return (self.left, self.right)
+
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.left, P_AND)} and {_wrap(self.right, P_NOT)}", P_AND
 
@@ -392,6 +472,9 @@ class And(ConstraintExpr):
 class Or(ConstraintExpr):
     left: ConstraintExpr
     right: ConstraintExpr
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.left, self.right)
 
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.left, P_OR)} or {_wrap(self.right, P_AND)}", P_OR
@@ -421,11 +504,11 @@ def _call_leaf(leaf: Reward | Constraint, texts: list[str], dtype: torch.dtype) 
                 leaf.fn([text])
             except Exception as single:
                 raise KldslRewardError(
-                    f"{kind} `{leaf}` raised {type(single).__name__}: {clip(str(single))} on the "
-                    f"sample {clip(repr(text))}"
+                    f"{kind} `{leaf}` raised {type(single).__name__}: {shorten(str(single))} on the "
+                    f"sample {shorten(repr(text))}"
                 ) from single
         raise KldslRewardError(
-            f"{kind} `{leaf}` raised {type(err).__name__}: {clip(str(err))}"
+            f"{kind} `{leaf}` raised {type(err).__name__}: {shorten(str(err))}"
         ) from err
     if dtype == torch.bool:
         return constraint_values(str(leaf), texts, raw)
@@ -446,14 +529,16 @@ class Model(Node):
     def __mul__(self, other: Any) -> Model:
         if isinstance(other, RewardExpr):
             raise KldslTypeError(
-                f"`... * {other}`: a reward is not a factor; tilt by it with `* exp({other} / β)`"
+                f"`... * {shown(other)}`: a reward is not a factor; tilt by it with "
+                f"`* exp({shown(other)} / β)`"
             )
         if isinstance(other, ConstraintExpr):
             raise KldslTypeError(
-                f"`... * {other}`: a constraint is not a factor; condition with `| {other}`"
+                f"`... * {shown(other)}`: a constraint is not a factor; condition with "
+                f"`| {shown(other)}`"
             )
         if not isinstance(other, Model):
-            raise KldslTypeError(f"cannot multiply a model by {other!r}")
+            raise KldslTypeError(f"cannot multiply a model by {shown(other)}")
         left = self.terms if isinstance(self, Product) else (self,)
         right = other.terms if isinstance(other, Product) else (other,)
         return Product(left + right)
@@ -461,11 +546,11 @@ class Model(Node):
     def __or__(self, other: Any) -> Model:
         if isinstance(other, RewardExpr):
             raise KldslTypeError(
-                f"`| {other}`: `|` conditions on a constraint, and `{other}` is a reward; "
-                f"to tilt by it write `* exp({other} / β)`"
+                f"`| {shown(other)}`: `|` conditions on a constraint, and `{shown(other)}` is a "
+                f"reward; to tilt by it write `* exp({shown(other)} / β)`"
             )
         if not isinstance(other, ConstraintExpr):
-            raise KldslTypeError(f"`| {other!r}`: `|` takes a constraint such as `not curse`")
+            raise KldslTypeError(f"`| {shown(other)}`: `|` takes a constraint such as `not curse`")
         return Condition(self, other)
 
     # --- structure ----------------------------------------------------------------
@@ -493,8 +578,8 @@ class Model(Node):
         priors = self.priors()
         if not priors:
             raise KldslTypeError(
-                f"`{self}` has no prior: a model needs an LM to define what x is; write e.g. "
-                f"`prior(smollm2) * {self}`"
+                f"`{shown(self)}` has no prior: a model needs an LM to define what x is; write "
+                f"e.g. `prior(smollm2) * {shown(self)}`"
             )
         return priors[0]
 
@@ -620,16 +705,24 @@ class Prior(Model):
     def __post_init__(self) -> None:
         if not isinstance(self.model, LM | str):
             raise KldslTypeError(
-                f'prior() takes an LM or a model name such as "smollm2"; got {self.model!r}'
+                f'prior() takes an LM or a model name such as "smollm2"; got {shown(self.model)}'
             )
         if isinstance(self.model, str) and not self.model.strip():
             raise KldslTypeError(
                 'prior() needs a model name or folder, such as "smollm2"; got an empty name'
             )
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise KldslTypeError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise KldslTypeError(
+                f"max_tokens must be a positive integer, got {shown(self.max_tokens)}"
+            )
         if not isinstance(self.prompt, str):
-            raise KldslTypeError(f"prompt must be a string, got {self.prompt!r}")
+            raise KldslTypeError(f"prompt must be a string, got {shown(self.prompt)}")
+        at = surrogate_at(self.prompt)
+        if at is not None:
+            raise KldslTypeError(
+                f"the prompt holds a lone surrogate {shown(self.prompt[at])} at index {at}; "
+                "a prompt must be valid Unicode text"
+            )
 
     @property
     def lm(self) -> LM:
@@ -643,12 +736,12 @@ class Prior(Model):
     def __pow__(self, alpha: Number) -> Power:
         a = _scalar(alpha, "a prior is tempered by a number: `prior(...) ** 0.5`")
         if a <= 0:
-            raise KldslTypeError(f"tempering needs α > 0 in `prior ** α`, got {alpha}")
+            raise KldslTypeError(f"tempering needs α > 0 in `prior ** α`, got {shown(alpha)}")
         return Power(self, a)
 
     def _fmt(self) -> tuple[str, int]:
         if isinstance(self.model, LM):
-            head = self.model.name
+            head = _name_text(self.model.name)
         else:
             from kldsl.models import EMBEDDED
 
@@ -672,6 +765,13 @@ class Power(Model):
     prior: Prior
     alpha: float
 
+    def __post_init__(self) -> None:
+        _finite(self.alpha, lambda: "α in `prior ** α`")
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.prior,)
+
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.prior, P_ATOM)} ** {_num(self.alpha)}", P_POW
 
@@ -685,6 +785,9 @@ class Tilt(Model):
 
     reward: RewardExpr
 
+    def _children(self) -> tuple[Any, ...]:
+        return (self.reward,)
+
     def _fmt(self) -> tuple[str, int]:
         return f"exp({self.reward})", P_ATOM
 
@@ -697,6 +800,9 @@ class Product(Model):
     """A product of factors; the first prior among them is the base."""
 
     terms: tuple[Model, ...]
+
+    def _children(self) -> tuple[Any, ...]:
+        return self.terms
 
     def _fmt(self) -> tuple[str, int]:
         head, *rest = self.terms
@@ -714,6 +820,9 @@ class Condition(Model):
     model: Model
     constraint: ConstraintExpr
 
+    def _children(self) -> tuple[Any, ...]:
+        return (self.model, self.constraint)
+
     def _fmt(self) -> tuple[str, int]:
         return f"{_wrap(self.model, P_COND)} | {_wrap(self.constraint, P_OR)}", P_COND
 
@@ -723,8 +832,8 @@ class Condition(Model):
 
 def _scalar(value: Any, message: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        shown = f"`{value}`" if isinstance(value, Node) else repr(value)
-        raise KldslTypeError(f"{message}; got {shown}")
+        what = f"`{shown(value)}`" if isinstance(value, Node) else shown(value)
+        raise KldslTypeError(f"{message}; got {what}")
     return float(value)
 
 
@@ -756,15 +865,15 @@ def exp(reward: RewardExpr) -> Tilt:
     """
     if isinstance(reward, ConstraintExpr):
         raise KldslTypeError(
-            f"exp() takes a reward, but `{reward}` is a constraint; condition on it with "
-            f"`model | {reward}` instead"
+            f"exp() takes a reward, but `{shown(reward)}` is a constraint; condition on it "
+            f"with `model | {shown(reward)}` instead"
         )
     if isinstance(reward, Model):
-        raise KldslTypeError(f"exp() takes a reward, but `{reward}` is a model")
+        raise KldslTypeError(f"exp() takes a reward, but `{shown(reward)}` is a model")
     if not isinstance(reward, RewardExpr):
         raise KldslTypeError(
             f"exp() takes a reward (a built-in such as `sentiment`, or a function decorated "
-            f"with @kl.reward); got {reward!r}"
+            f"with @kl.reward); got {shown(reward)}"
         )
     return Tilt(reward)
 

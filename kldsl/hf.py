@@ -84,6 +84,10 @@ class HFLM(LM):
         self.bos_id = tokenizer.bos_token_id
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else self.eos_id
+        positions = getattr(_text_config(model), "max_position_embeddings", None)
+        # the stated context length: a longer prompt is refused before it runs (it would be
+        # slow, and past what the model was trained on); set None to lift the check
+        self.context_limit = int(positions) if positions else None
         params = _forward_params(model)
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_kwarg = next(
@@ -175,6 +179,20 @@ class HFLM(LM):
     def device(self) -> torch.device:
         """Where the model's parameters live (inputs are moved there)."""
         return next(self.model.parameters()).device
+
+    def row_bytes(self, context: int, max_tokens: int) -> int:
+        """Estimated memory of one sampling row: the base estimate plus the float32 logits and
+        float64 log-softmax of a step, and the row's KV cache over ``context + max_tokens``
+        positions (twice: dropping finished rows copies the cache)."""
+        config = _text_config(self.model)
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+        hidden = int(getattr(config, "hidden_size", 0) or 0)
+        head_dim = int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0))
+        width = next(self.model.parameters()).element_size()
+        kv = 2 * layers * 2 * kv_heads * head_dim * (context + max_tokens) * width
+        return super().row_bytes(context, max_tokens) + 12 * self.vocab_size + kv
 
     # --- tokens -------------------------------------------------------------------
     def encode(self, text: str) -> Ids:

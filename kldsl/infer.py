@@ -21,19 +21,29 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from kldsl import budget
 from kldsl.errors import KldslError, KldslNameError
 from kldsl.graph import Model
 from kldsl.lm import LM, make_generator
-from kldsl.target import Target, open_sink
+from kldsl.sink import Sink
+from kldsl.target import Target
 
 
 @dataclass(frozen=True)
 class Engine:
-    """An inference engine: ``run(target, *, n, generator, batch_size, progress, **options)``."""
+    """An inference engine: ``run(target, *, n, generator, batch_size, progress, **options)``.
+
+    ``resumable``: it draws its batches with :meth:`Target.draw_batch`, so ``resume=True``
+    can continue an interrupted ``out=`` file. ``batched``: it keeps about ``n`` samples and
+    draws batches of ``batch_size`` from the proposal, which :mod:`kldsl.budget` checks
+    against the memory before it starts (False for ``exact``, which has its own limit).
+    """
 
     name: str
     description: str  # one line, shown by `kldsl engines`
     run: Callable[..., Any]
+    resumable: bool = False
+    batched: bool = True
 
     def options(self) -> list[str]:
         """The engine's own keyword options."""
@@ -73,6 +83,8 @@ def infer(
     batch_size: int = 64,
     out: str | Path | None = None,
     progress: bool | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     **options: Any,
 ) -> Any:
     """Approximate the posterior of ``model`` with ``engine``.
@@ -82,13 +94,22 @@ def infer(
     loses no finished batch; ``progress`` shows a progress bar (default: on a terminal).
     The same seed gives the same samples. Engine options go in ``options``
     (``kl.get_engine(name).options()`` lists them).
+
+    An ``out`` file that already holds draws is refused unless ``overwrite=True`` (the old
+    file is replaced once the new run has written its first batch) or ``resume=True``,
+    which continues an interrupted file of the same model, engine, seed, batch size and
+    proposal to ``n``: the file and the result equal an uninterrupted run's (engines
+    importance, rejection and qrs; see :mod:`kldsl.sink`). An engine that continues runs
+    of its own (``variational``'s ``output_dir``) gets ``resume`` and ``overwrite`` itself.
+    Runs whose samples or batches would not fit in memory fail before they start
+    (:mod:`kldsl.budget`).
     """
     if not isinstance(model, Model):
         raise KldslError(f"infer() takes a model graph; got {type(model).__name__}")
     if not isinstance(n, int) or n <= 0:
         raise KldslError(f"n must be a positive number of samples, got {n!r}")
-    if batch_size <= 0:
-        raise KldslError(f"batch_size must be positive, got {batch_size!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise KldslError(f"batch_size must be a positive integer, got {batch_size!r}")
     chosen = get_engine(engine)
     unknown = set(options) - set(chosen.options())
     if unknown:
@@ -96,14 +117,47 @@ def infer(
             f"engine {engine!r} has no option {', '.join(sorted(unknown))}; "
             f"its options: {', '.join(chosen.options()) or 'none'}"
         )
-    if isinstance(proposal, str | Path):
-        from kldsl.models import load_lm
-
-        proposal = load_lm(str(proposal))
-    sink = open_sink(out)
+    own = [k for k in ("resume", "overwrite") if k in chosen.options()]
+    for key, value in (("resume", resume), ("overwrite", overwrite)):
+        if key in own and value:
+            options[key] = value
+    if resume and out is not None and not chosen.resumable:
+        can = ", ".join(name for name in sorted(_registry()) if get_engine(name).resumable)
+        raise KldslError(
+            f"engine {engine!r} cannot resume an out= file (it does not draw in seeded "
+            f"batches that can be read back); the engines that can: {can}"
+        )
+    if resume and out is None and "resume" not in own:
+        raise KldslError(
+            f"resume=True continues an interrupted out= file: pass out= the file to continue "
+            f"(engine {engine!r} has no run of its own to resume)"
+        )
+    if resume and out is not None and not isinstance(seed, int):
+        raise KldslError(f"resume=True needs the integer seed of the run to continue, got {seed!r}")
+    model.check()
+    if chosen.batched:
+        budget.check_samples(model, n)  # before anything is loaded or written
+    sink = None
+    if out is not None:
+        manifest = {
+            "model": str(model),
+            "engine": engine,
+            "seed": seed,
+            "batch_size": batch_size,
+            "proposal": _proposal_name(proposal),
+            "options": options,
+        }
+        sink = Sink(out, manifest, resume=resume and chosen.resumable, overwrite=overwrite)
+    ok = False
     try:
+        if isinstance(proposal, str | Path):
+            from kldsl.models import load_lm
+
+            proposal = load_lm(str(proposal))
         target = Target(model, proposal, sink=sink)
-        return chosen.run(
+        if chosen.batched:
+            budget.check_batch(target, batch_size, n)
+        result = chosen.run(
             target,
             n=n,
             generator=make_generator(seed),
@@ -111,6 +165,17 @@ def infer(
             progress=progress,
             **options,
         )
+        ok = True
+        return result
     finally:
         if sink is not None:
-            sink.close()
+            sink.close(ok=ok)
+
+
+def _proposal_name(proposal: LM | str | Path | None) -> str:
+    """What the manifest records as the proposal: a model name or folder, or an LM's name."""
+    if proposal is None:
+        return "the prior"
+    if isinstance(proposal, str | Path):
+        return str(proposal)
+    return proposal.name

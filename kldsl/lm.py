@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,40 @@ def draw(log_probs: Tensor, generator: torch.Generator) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def count_sequences(vocab_size: int, max_tokens: int, cap: int) -> int | None:
+    """How many sequences of at most ``max_tokens`` tokens a vocabulary has (each ends at
+    EOS or is cut at ``max_tokens``), or None when there are more than ``cap``.
+
+    It stops counting once past ``cap``, so no giant integer is ever built.
+
+    Example:
+        >>> count_sequences(3, 2, 100), count_sequences(3, 10**7, 100)
+        (7, None)
+    """
+    branching = vocab_size - 1  # tokens that do not end the sequence
+    if branching <= 1:  # one sequence per length (or only "EOS" itself)
+        count = max_tokens + 1 if branching == 1 else 1
+        return count if count <= cap else None
+    count, power = 0, 1
+    for _ in range(max_tokens):  # ends at EOS after k tokens: branching**k sequences
+        count += power
+        if count > cap:
+            return None
+        power *= branching
+    count += power  # cut at max_tokens
+    return count if count <= cap else None
+
+
+def _sequences_shown(vocab_size: int, max_tokens: int) -> str:
+    """The number of sequences for a message: exact while small, else ≈ 10^k (log space)."""
+    count = count_sequences(vocab_size, max_tokens, 10**15)
+    if count is not None:
+        return f"{count:,}"
+    b = vocab_size - 1  # ≥ 2 here: the count is b^T · b/(b − 1) up to rounding
+    exponent = max_tokens * math.log10(b) + math.log10(b / (b - 1))
+    return f"about 10^{exponent:,.0f}"
+
+
 class LM:
     """Base class of every language model kldsl can use as a prior or proposal.
 
@@ -66,6 +101,9 @@ class LM:
     vocab_size: int
     eos_id: int
     bos_id: int | None = None
+    #: most positions (context and generated tokens together) the model can attend over;
+    #: None when it has no limit
+    context_limit: int | None = None
 
     # --- what a subclass provides -------------------------------------------------
     def encode(self, text: str) -> Ids:
@@ -100,6 +138,38 @@ class LM:
         """What two LMs must share for one to score the other's token ids."""
         probe = "The quick brown fox, 123 ünïcode!"
         return (self.vocab_size, self.eos_id, tuple(self.encode(probe)))
+
+    def check_context(self, prompt: str, max_tokens: int) -> None:
+        """Raise :class:`KldslInferenceError` when the prompt's context and ``max_tokens``
+        generated tokens do not fit in :attr:`context_limit` positions."""
+        limit = self.context_limit
+        if limit is None:
+            return
+        used = len(self.context_ids(prompt))
+        if used + max_tokens > limit:
+            fixes = []
+            if max_tokens < limit:
+                fixes.append(f"shorten the prompt to at most {limit - max_tokens:,} tokens")
+            if used < limit:
+                fixes.append(f"lower max_tokens to at most {limit - used:,}")
+            fix = " or ".join(fixes) or "shorten the prompt and lower max_tokens"
+            raise KldslInferenceError(
+                f"{self.name} attends over at most {limit:,} positions, and the prompt "
+                f"({len(prompt):,} characters) takes {used:,} tokens of context plus "
+                f"max_tokens={max_tokens:,}: {used + max_tokens:,} positions; {fix}"
+            )
+
+    def row_bytes(self, context: int, max_tokens: int) -> int:
+        """Estimated memory (bytes) one sequence of a sampling batch holds while it is drawn:
+        next-token log-probabilities over the vocabulary and its token lists.
+
+        :mod:`kldsl.budget` multiplies it by the batch size; override it where a model holds
+        more per row (a KV cache).
+        """
+        tokens = context + max_tokens
+        # log-probs (float64), their exp (float32) and multinomial's copy, per step; the
+        # sequence list and the copy of context + sequence handed to next_logprobs
+        return 24 * self.vocab_size + 2 * (56 + 8 * tokens) + 64
 
     @torch.no_grad()
     def sample(
@@ -242,13 +312,12 @@ class LM:
         Their probabilities sum to 1. Raises :class:`KldslInferenceError` when there are
         more than ``limit`` sequences.
         """
-        branching = self.vocab_size - 1
-        count = sum(branching**k for k in range(max_tokens)) + branching**max_tokens
-        if count > limit:
+        count = count_sequences(self.vocab_size, max_tokens, limit)
+        if count is None:
             raise KldslInferenceError(
-                f"{self.name} has {count:,} sequences of at most {max_tokens} tokens, more than "
-                f"the enumeration limit of {limit:,}; use a smaller vocabulary or max_tokens, "
-                "raise `limit`, or pick a sampling engine"
+                f"{self.name} has {_sequences_shown(self.vocab_size, max_tokens)} sequences of at "
+                f"most {max_tokens:,} tokens, more than the enumeration limit of {limit:,}; use "
+                "a smaller vocabulary or max_tokens, raise `limit`, or pick a sampling engine"
             )
         context = self.context_ids(prompt)
         done_ids: list[Ids] = []

@@ -11,11 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import torch
@@ -76,11 +76,33 @@ class Draw:
         return Draw([s for d in draws for s in d.ids], torch.cat([d.log_q for d in draws]), density)
 
 
+class BatchSeeds:
+    """One generator per (batch, purpose), derived from a root drawn once from the run's
+    generator: batch k's draws (``"draw"``) and acceptance uniforms (``"accept"``) do not
+    depend on having made batches 0..k−1, so a resumed run can skip the batches its file
+    holds and continue the very stream an uninterrupted run draws.
+
+    Example:
+        >>> seeds = BatchSeeds(torch.Generator().manual_seed(0))
+        >>> torch.equal(torch.rand(3, generator=seeds(5)), torch.rand(3, generator=seeds(5)))
+        True
+    """
+
+    def __init__(self, generator: torch.Generator):
+        self.root = int(torch.randint(0, 2**62, (), generator=generator))
+
+    def __call__(self, index: int, purpose: str = "draw") -> torch.Generator:
+        key = f"{self.root}:{purpose}:{index}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return torch.Generator().manual_seed(seed)
+
+
 class Target:
     """A model compiled for inference: its base prior, a proposal LM and log-weights.
 
     The proposal defaults to the base prior's LM, in which case log a(x) comes from the
-    very passes that sampled x (no second scoring pass).
+    very passes that sampled x (no second scoring pass). Every prior's prompt and
+    ``max_tokens`` are checked against its LM's context length here, before anything runs.
     """
 
     def __init__(self, model: Model, proposal: LM | None = None, sink: IO[str] | None = None):
@@ -98,6 +120,10 @@ class Target:
                 f"{self.lm.name}; a proposal must share the prior's tokenizer (fine-tune "
                 "the prior itself, or use a model of the same family)"
             )
+        for prior in self.model.priors():
+            prior.lm.check_context(prior.prompt, prior.max_tokens)
+        if self.proposal is not self.lm:
+            self.proposal.check_context(self.base.prompt, self.max_tokens)
 
     @property
     def max_tokens(self) -> int:
@@ -110,15 +136,32 @@ class Target:
         )
         return self.evaluate(batch.ids, batch.log_probs)
 
-    def evaluate(self, ids: list[Ids], log_q: Tensor | None = None) -> Draw:
-        """Log p̃ (and log q) of given sequences; ``log_q`` is reused when the caller has it."""
+    def draw_batch(self, index: int, size: int, seeds: BatchSeeds) -> Draw:
+        """Batch ``index`` of a run: ``size`` proposal samples drawn with ``seeds(index)``,
+        or, when the sink is resuming a file that holds that batch complete, its records
+        read back (nothing is drawn, scored or written again)."""
+        recorded = getattr(self.sink, "recorded", None)
+        if recorded is not None:
+            draw = recorded(index, size)
+            if draw is not None:
+                return draw
+        batch = self.proposal.sample(
+            size, self.max_tokens, prompt=self.base.prompt, seed=seeds(index)
+        )
+        return self.evaluate(batch.ids, batch.log_probs, batch=index)
+
+    def evaluate(
+        self, ids: list[Ids], log_q: Tensor | None = None, batch: int | None = None
+    ) -> Draw:
+        """Log p̃ (and log q) of given sequences; ``log_q`` is reused when the caller has it.
+        ``batch`` tags the records streamed to the sink with the batch they belong to."""
         if log_q is None:
             log_q = self.proposal.score(ids, prompt=self.base.prompt)
         base_lp = log_q if self.proposal is self.lm else None
         density = self.model.log_density(ids, base_log_probs=base_lp)
         draw = Draw(ids, log_q.double(), density)
         if self.sink is not None:
-            write_jsonl(draw, self.sink)
+            write_jsonl(draw, self.sink, batch=batch)
         return draw
 
     def no_support_error(self, tried: int) -> KldslInferenceError:
@@ -132,8 +175,10 @@ class Target:
         )
 
 
-def write_jsonl(draw: Draw, stream: IO[str]) -> None:
-    """One JSON object per sequence: text, ids, log q, log p̃, log w and the factor terms."""
+def write_jsonl(draw: Draw, stream: IO[str], batch: int | None = None) -> None:
+    """One JSON object per sequence: text, ids, log q, log p̃, log w and the factor terms
+    (and ``batch``, the index of the batch, when given), written in one go and flushed."""
+    lines = []
     for i, ids in enumerate(draw.ids):
         record = {
             "text": draw.texts[i],
@@ -145,7 +190,10 @@ def write_jsonl(draw: Draw, stream: IO[str]) -> None:
             "rewards": {k: float(v[i]) for k, v in draw.density.rewards.items()},
             "constraints": {k: bool(v[i]) for k, v in draw.density.constraints.items()},
         }
-        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if batch is not None:
+            record["batch"] = batch
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    stream.write("".join(lines))
     stream.flush()
 
 
@@ -153,12 +201,3 @@ def _finite(value: Tensor) -> float | None:
     """A float for JSON (−inf becomes None: JSON has no infinities)."""
     v = float(value)
     return v if math.isfinite(v) else None
-
-
-def open_sink(path: str | Path | None) -> IO[str] | None:
-    """A line-buffered text stream for ``--out`` (parents created), or None."""
-    if path is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("w", encoding="utf-8", buffering=1)

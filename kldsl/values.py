@@ -12,7 +12,7 @@ Example:
     >>> reward_values("len", ["a"], ["1"])
     Traceback (most recent call last):
     ...
-    kldsl.errors.KldslRewardError: reward `len` returned '1' (a str) on the sample 'a'; a reward returns one finite real number per text
+    kldsl.errors.KldslRewardError: reward `len` returned '1' on the sample 'a'; a reward returns one finite real number per text (this value is a str)
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kldsl.errors import KldslRewardError
-
-_SHOWN = 60  # characters of a value or a text a message quotes
+from kldsl.errors import KldslRewardError, shorten
 
 
 def reward_values(name: str, texts: Sequence[str], raw: Any) -> Tensor:
@@ -74,7 +72,7 @@ def _items(kind: str, name: str, texts: Sequence[str], raw: Any) -> list[Any]:
     except Exception as err:  # a generator that raises half-way
         raise KldslRewardError(
             f"{kind} `{name}` returned values that raised {type(err).__name__} when read: "
-            f"{clip(str(err))}"
+            f"{shorten(str(err))}"
         ) from err
     if len(items) != len(texts):
         raise KldslRewardError(
@@ -100,11 +98,6 @@ def _real(value: Any) -> float | None:
 
 def _bad(kind: str, name: str, value: Any, text: str, want: str) -> KldslRewardError:
     return KldslRewardError(
-        f"{kind} `{name}` returned {clip(repr(value))} (a {type(value).__name__}) on the sample "
-        f"{clip(repr(text))}; a {kind} returns {want}"
+        f"{kind} `{name}` returned {shorten(repr(value))} on the sample {shorten(repr(text))}; a "
+        f"{kind} returns {want} (this value is a {type(value).__name__})"
     )
-
-
-def clip(shown: str) -> str:
-    """``shown`` cut to a length a message can quote."""
-    return shown if len(shown) <= _SHOWN else shown[: _SHOWN - 1] + "…"

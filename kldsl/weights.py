@@ -91,3 +91,49 @@ def resample(
         cdf[-1] = 1.0
         return torch.searchsorted(cdf, u, right=True).clamp(max=len(probs) - 1)
     raise ValueError(f"unknown resampling method {method!r}; use 'multinomial' or 'systematic'")
+
+
+class Running:
+    """Log Σw, log Σw² and the count of log-weights seen batch by batch: the ESS and log Ẑ
+    of everything so far in O(batch) per batch, without holding or re-concatenating them.
+
+    Example:
+        >>> running = Running()
+        >>> for part in torch.log(torch.tensor([[1.0, 1.0], [2.0, 4.0]], dtype=torch.float64)):
+        ...     running.add(part)
+        >>> round(running.ess, 3), round(math.exp(running.log_z), 3)
+        (2.909, 2.0)
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.log_sum = -math.inf  # log Σw
+        self.log_sum_sq = -math.inf  # log Σw²
+
+    def add(self, log_w: Tensor) -> None:
+        self.count += len(log_w)
+        if len(log_w):
+            self.log_sum = _log_add(self.log_sum, float(torch.logsumexp(log_w, 0)))
+            self.log_sum_sq = _log_add(self.log_sum_sq, float(torch.logsumexp(2 * log_w, 0)))
+
+    @property
+    def ess(self) -> float:
+        """Kish ESS (Σw)² / Σw² of every weight added (0 while every weight is 0)."""
+        if not math.isfinite(self.log_sum):
+            return 0.0
+        return math.exp(2 * self.log_sum - self.log_sum_sq)
+
+    @property
+    def log_z(self) -> float:
+        """log mean(w) of every weight added."""
+        return self.log_sum - math.log(max(self.count, 1))
+
+
+def _log_add(a: float, b: float) -> float:
+    """log(e^a + e^b) of two floats (−inf allowed)."""
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    hi = max(a, b)
+    return hi + math.log1p(math.exp(-abs(a - b)))

@@ -7,6 +7,7 @@ import torch
 
 import kldsl as kl
 from kldsl.errors import KldslRewardError, KldslTypeError
+from kldsl.graph import MAX_DEPTH, RNeg
 
 
 @pytest.fixture
@@ -145,3 +146,99 @@ def test_explain_gives_the_formula_and_a_factor_table(toy):
     assert "p̃(x) = a(x)·exp(sentiment(x)/0.2)·1[¬curse(x)]" in text
     assert "VADER" in text and "prefix-closed" in text
     assert text.splitlines()[0] == str(m)
+
+
+# --- limits: depth, finite numbers, printable names, short messages --------------------
+
+
+def _under(frames, fn):
+    """``fn()`` called from ``frames`` stack frames deeper than here."""
+    return _under(frames - 1, fn) if frames else fn()
+
+
+def test_no_graph_deeper_than_max_depth_can_be_built(toy):
+    r = kl.length
+    for _ in range(MAX_DEPTH - 1):
+        r = -r
+    assert r.depth == MAX_DEPTH
+    m = kl.prior(toy) * kl.exp(r.expr.expr)  # MAX_DEPTH levels too
+    # what recurses over a graph has room to spare at MAX_DEPTH
+    assert _under(300, lambda: (str(m), m.explain(), hash(m), m == kl.parse(str(m), {"toy": toy})))
+    values = {kl.length: torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    assert r.evaluate(values).tolist() == [-1.0, -2.0]  # MAX_DEPTH - 1 is odd
+    assert r.leaves() == [kl.length] and r.bounds() == (-math.inf, -0.0)
+    assert str(r) == "-" * (MAX_DEPTH - 1) + "length"
+    for build in [lambda: -r, lambda: r + kl.length, lambda: r * 2, lambda: RNeg(r)]:
+        with pytest.raises(KldslTypeError, match=f"nests {MAX_DEPTH + 1} levels deep"):
+            build()
+    c = kl.curse
+    for _ in range(MAX_DEPTH - 1):
+        c = c | kl.curse
+    with pytest.raises(KldslTypeError, match="levels deep"):
+        c = ~c
+    m = kl.prior(toy)
+    for _ in range(MAX_DEPTH - 1):
+        m = m | kl.curse
+    assert m.depth == MAX_DEPTH
+    with pytest.raises(KldslTypeError, match="levels deep"):
+        m | kl.curse
+    wide = kl.prior(toy)
+    for _ in range(1000):  # products are flat: width is no depth
+        wide = wide * kl.exp(kl.length)
+    assert wide.depth == 3 and len(wide.factors()) == 1001
+    assert "exp(length(x))" in wide.explain()
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda lm: kl.length / float("inf"), "β in `length / β` must be a finite number, got inf"),
+        (lambda lm: kl.length / float("nan"), "must be a finite number, got nan"),
+        (lambda lm: kl.length * float("nan"), "c in `length * c` must be a finite number, got nan"),
+        (lambda lm: float("-inf") * kl.length, "must be a finite number, got -inf"),
+        (lambda lm: kl.prior(lm) ** float("inf"), "α in `prior ** α` must be a finite number"),
+        (lambda lm: kl.prior(lm) ** float("nan"), "must be a finite number, got nan"),
+    ],
+)
+def test_beta_alpha_and_factors_must_be_finite(toy, build, message):
+    with pytest.raises(KldslTypeError) as info:
+        build(toy)
+    assert message in str(info.value)
+
+
+def test_lm_names_print_bare_only_when_they_read_back_as_names():
+    for name, shown in [
+        ("toy", "toy"),
+        ("toy+fit", '"toy+fit"'),
+        ("not", '"not"'),
+        ("2b", '"2b"'),
+        ("β_1", "β_1"),
+        ('a "b"', '"a \\"b\\""'),
+    ]:
+        assert str(kl.prior(kl.ToyLM(vocab="ab", name=name))) == f"prior({shown})"
+
+
+def test_prompts_must_be_valid_unicode(toy):
+    with pytest.raises(KldslTypeError, match="lone surrogate '\\\\ud800' at index 1"):
+        kl.prior(toy, prompt="a\ud800")
+
+
+def test_messages_quote_values_cut_short(toy):
+    long = "x" * 1_000_000
+    for build in [
+        lambda: kl.prior(toy) * long,
+        lambda: kl.length + long,
+        lambda: kl.length * long,
+        lambda: kl.prior(toy) | long,
+        lambda: kl.prior(toy, max_tokens=long),
+        lambda: kl.exp(long),
+    ]:
+        with pytest.raises(KldslTypeError) as info:
+            build()
+        assert len(str(info.value)) < 400 and "…" in str(info.value)
+    wide = kl.exp(kl.length)
+    for _ in range(1000):
+        wide = wide * kl.exp(kl.length)
+    with pytest.raises(KldslTypeError, match="has no prior") as info:
+        wide.check()
+    assert len(str(info.value)) < 400

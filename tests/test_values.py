@@ -76,7 +76,9 @@ def test_a_reward_must_return_finite_real_numbers(case):
     ],
 )
 def test_truth_values_of_every_common_type_agree_with_the_exact_posterior(value_of):
-    plain = kl.prior(LM, max_tokens=3) | kl.constraint(lambda texts: [len(t) % 2 == 1 for t in texts])
+    plain = kl.prior(LM, max_tokens=3) | kl.constraint(
+        lambda texts: [len(t) % 2 == 1 for t in texts]
+    )
     model = kl.prior(LM, max_tokens=3) | kl.constraint(value_of)
     want, got = kl.infer(plain, engine="exact"), kl.infer(model, engine="exact")
     assert got.log_z == want.log_z

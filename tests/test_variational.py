@@ -237,8 +237,13 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
     assert list((tmp_path / "cut" / "tensorboard").glob("events.out.tfevents.*"))
-    with pytest.raises(KldslInferenceError, match="batch_size"):
+    with pytest.raises(KldslInferenceError, match=r"batch_size=16 \(this run: 8\)"):
         kl.infer(model(), output_dir=tmp_path / "cut", resume=True, **{**options, "batch_size": 8})
+    with pytest.raises(KldslInferenceError, match=r"lr=0.1 \(this run: 5.0\)"):
+        kl.infer(model(), output_dir=tmp_path / "cut", resume=True, **{**options, "lr": 5.0})
+    with pytest.raises(KldslInferenceError, match="already holds checkpoints and a fit"):
+        kl.infer(model(), output_dir=tmp_path / "cut", **options)  # neither resume nor overwrite
+    assert torch.equal(kl.Fit.load(tmp_path / "cut").model.logits, full.model.logits)
 
 
 # --- other LMs: a user's module, LoRA on a tiny Hugging Face model ---------------------------
