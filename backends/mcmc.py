@@ -22,11 +22,13 @@ p̃ = a·f the shared prefix cancels: α_i = min(1, f(y)·|x| / (f(x)·|y|)). A 
 chosen independently of the state keeps detailed balance, since each move has it.
 
 Chains start from proposals with p̃ > 0 (hard constraints: propose until one holds, with
-the rejection engine's error when none does). The result has equal weights, the chain of
-each sample in ``info["chain"]``, acceptance rates per move in ``info["acceptance"]``,
-and split R-hat and ESS (``pyro.ops.stats``) of log p̃, each reward and the token count
-in ``info["r_hat"]`` / ``info["ess"]`` (worst values in ``divergences``); it warns when
-any R-hat exceeds 1.05; ``Samples.plot`` adds a trace plot per statistic. MCMC does not
+the rejection engine's error when none does). The result has equal weights, the chain and
+step of each sample in ``columns["chain"]`` / ``columns["step"]``, acceptance rates per
+move in ``info["acceptance"]``, and split R-hat and ESS (``pyro.ops.stats``) of log p̃,
+each reward and the token count in ``diagnostics["r_hat"]`` / ``diagnostics["ess"]``
+(worst values in ``diagnostics["split R-hat (max)"]`` / ``["MCMC ESS (min)"]``, the
+traces in ``diagnostics["traces"]``); it warns when any R-hat exceeds 1.05;
+``Samples.plot`` adds a trace plot per statistic. MCMC does not
 estimate Z itself: ``log_z`` is the importance estimate mean(w) over every sequence drawn
 whole from q (all initial proposals and the independent moves' proposals). It is
 consistent; it is not exactly unbiased, since initialisation stops once every chain has a
@@ -59,12 +61,6 @@ R_HAT_WARN = 1.05  # split R-hat above this means the chains have not mixed
 INIT_TRIES_PER_CHAIN = 1000  # proposals per chain before giving up on finding p̃ > 0
 
 
-# ---------------------------------------------------------------------------------------
-# Sampling continuations from the proposal
-# ---------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
 # ---------------------------------------------------------------------------------------
 # The moves as pure functions (the sampler and the exact tests both use these)
 # ---------------------------------------------------------------------------------------
@@ -302,7 +298,13 @@ def run(
 ) -> Samples:
     """``n`` samples (rounded up to a multiple of ``chains``) from ``chains`` chains that
     each discard ``burn_in`` steps (default: half their kept steps) and keep every
-    ``thin``-th step after."""
+    ``thin``-th step after.
+
+    chains: number of chains
+    burn_in: steps discarded per chain (default: half the kept steps)
+    thin: keep every k-th step
+    moves: move mixture, e.g. "independent:0.3,local:0.7"
+    """
     for name, value, least in (("chains", chains, 1), ("thin", thin, 1), ("burn_in", burn_in, 0)):
         if value is not None and (not isinstance(value, int) or value < least):
             raise KldslError(f"{name} must be an integer ≥ {least}, got {value!r}")
@@ -365,17 +367,19 @@ def run(
         n_proposed=len(first) + steps * chains,
         proposal_means=proposal_means(q_draw),
         acceptance_rate=sum(accepted.values()) / max(sum(proposed.values()), 1),
-        divergences={
-            "split R-hat (max)": max(finite_r, default=math.nan),
-            "MCMC ESS (min)": min(finite_ess, default=math.nan),
-        },
-        info={
+        columns={
             "chain": [c for c in range(chains) for _ in range(per_chain)],
             "step": [burn_in + thin * (t + 1) - 1 for _ in range(chains) for t in range(per_chain)],
-            "acceptance": acceptance,
+        },
+        diagnostics={
+            "split R-hat (max)": max(finite_r, default=math.nan),
+            "MCMC ESS (min)": min(finite_ess, default=math.nan),
             "r_hat": r_hat,
             "ess": ess,
             "traces": traces,
+        },
+        info={
+            "acceptance": acceptance,
             "moves": move_probs,
             "chains": chains,
             "burn_in": burn_in,

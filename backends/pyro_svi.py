@@ -6,7 +6,7 @@ decaying-average baseline configured on the guide site (``infer={"baseline": ...
 Maximising the ELBO E_π[log p̃ − log π] = log Z − KL(π‖p*) is the variational engine's
 ``reverse_kl`` objective written as a Pyro program. A −∞ factor would make the ELBO −∞
 and its gradient NaN, so hard constraints get the same finite ``penalty`` as
-``reverse_kl`` (with the same warning). Returns a ``kl.Fit``.
+``reverse_kl`` (``kl.transforms.soften``, with the same warning). Returns a ``kl.Fit``.
 
     fit = kl.infer(model, engine="pyro-svi", steps=200, batch_size=32, lr=0.05)
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from typing import Any
 
 import pyro
@@ -28,6 +27,7 @@ from kldsl.infer import Engine
 from kldsl.progress import bar
 from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.target import Target
+from kldsl.transforms import warn_softened
 
 
 def run(
@@ -43,13 +43,13 @@ def run(
     baseline_beta: float = 0.9,
 ) -> Fit:
     conditions = target.model.conditions()
+    fitted = target.model  # the finite-penalty graph with constraints (what the ELBO sees)
     if conditions:
-        shown = " and ".join(f"`{c}`" for c in conditions)
-        warnings.warn(
-            f"pyro-svi with the hard constraint {shown}: a −∞ factor makes the ELBO −∞ and its "
-            f"gradient NaN, so a violation gets log 1[c] = −{penalty:g} instead of −∞ (π "
-            f"targets a·exp(r/β)·exp(−{penalty:g}·[violation])). Set penalty= to change it.",
-            stacklevel=3,
+        fitted = warn_softened(
+            target.model,
+            penalty,
+            who="pyro-svi",
+            why="a −∞ factor makes the ELBO −∞ and its gradient NaN",
         )
     pi = copy.deepcopy(target.proposal)
     module = pi if isinstance(pi, torch.nn.Module) else getattr(pi, "model", None)
@@ -61,7 +61,7 @@ def run(
     module.train()
     pyro.clear_param_store()
     pyro.set_rng_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
-    model = to_pyro(target.model, penalty=penalty if conditions else None, plate_size=batch_size)
+    model = to_pyro(fitted, plate_size=batch_size)
     guide = pyro_guide(
         pi,
         target.model,

@@ -6,8 +6,8 @@ a is the untouched base prior (π trains on a copy; it is never tempered).
 - ``reverse_kl``: KL(π‖p*), which *is* KL-regularised RL (DESIGN.md). Samples from π at
   temperature 1 (no top-k/top-p); score-function gradient −E_π[(R − b)∇log π] with the
   per-sequence reward R = log p̃(x) − log π(x) and a leave-one-out baseline b. A hard
-  constraint has R = −∞ on violations, so reverse KL replaces log 1[c] = −∞ by the finite
-  ``−penalty`` (a warning says so): π then targets a·exp(r/β)·exp(−penalty·[violation]).
+  constraint has R = −∞ on violations, so reverse KL fits ``kl.transforms.soften(model,
+  penalty)`` (a warning says so): π then targets a·exp(r/β)·exp(−penalty·[violation]).
 - ``forward_kl``: KL(p*‖π), DPG/GDC (Khalifa et al. 2021). Samples from a frozen proposal q,
   gradient −E_q[(p̃/(Ẑq) − π/q)∇log π] (the π/q baseline of Korbak et al. 2022 has mean
   zero), Ẑ the running mean of every weight p̃/q drawn so far. q is a copy of π replaced
@@ -48,7 +48,6 @@ that already holds checkpoints or a fit is refused unless ``overwrite=True``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -66,11 +65,12 @@ from torch import Tensor
 from kldsl import weights
 from kldsl.errors import KldslInferenceError
 from kldsl.fit import Fit, atomic_write, fsync, is_fit_folder, json_safe
-from kldsl.graph import Condition, Model, Power, Prior, Product
+from kldsl.graph import Model
 from kldsl.infer import Engine
 from kldsl.lm import LM, Ids
 from kldsl.progress import bar
 from kldsl.target import Draw, Target, write_jsonl
+from kldsl.transforms import warn_softened, with_prompt
 
 OBJECTIVES = ("reverse_kl", "forward_kl", "js")
 _LOG2 = math.log(2.0)
@@ -409,19 +409,6 @@ def _read_prompts(prompts: Sequence[str] | str | os.PathLike[str]) -> list[str]:
     return found
 
 
-def with_prompt(model: Model, prompt: str) -> Model:
-    """The same model graph with every prior conditioned on ``prompt`` instead."""
-    if isinstance(model, Prior):
-        return dataclasses.replace(model, prompt=prompt)
-    if isinstance(model, Power):
-        return dataclasses.replace(model, prior=with_prompt(model.prior, prompt))
-    if isinstance(model, Product):
-        return Product(tuple(with_prompt(t, prompt) for t in model.terms))
-    if isinstance(model, Condition):
-        return dataclasses.replace(model, model=with_prompt(model.model, prompt))
-    return model  # a tilt does not see the prompt
-
-
 def _kl_p_r(log_w: Tensor, log_p_over_r: Tensor, log_z: float, n: int) -> float:
     """KL(p*‖r) from draws of s with weights w = p̃/s: (1/n)Σ (w/Ẑ)(log p̃/r − log Ẑ)."""
     if not math.isfinite(log_z):
@@ -471,16 +458,6 @@ def coefficients(
     raise KldslInferenceError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
 
 
-def _penalized(log_p: Tensor, terms: dict[str, Tensor], penalty: float) -> Tensor:
-    """log p̃ with every failed hard constraint's log 1[c] = −∞ replaced by −penalty."""
-    total = torch.zeros_like(log_p)
-    for key, value in terms.items():
-        if key.startswith("1["):
-            value = torch.where(torch.isneginf(value), torch.full_like(value, -penalty), value)
-        total = total + value
-    return total
-
-
 # --- the engine -------------------------------------------------------------------------------
 def run(
     target: Target,
@@ -513,14 +490,14 @@ def run(
         raise KldslInferenceError(
             f"unknown objective {objective!r}; the variational engine has {', '.join(OBJECTIVES)}"
         )
+    softened = None  # the finite-penalty target reverse KL fits, if it differs from model
     if objective == "reverse_kl" and conditions:
-        shown = " and ".join(f"`{c}`" for c in conditions)
-        warnings.warn(
-            f"reverse_kl with the hard constraint {shown}: KL(π‖p*) is infinite while π puts "
-            f"any mass on a violation, so a violation gets log 1[c] = −{penalty:g} instead of "
-            f"−∞ (π targets a·exp(r/β)·exp(−{penalty:g}·[violation])). Set penalty= to "
-            "change it, or use objective='forward_kl' (the default with constraints).",
-            stacklevel=3,
+        softened = warn_softened(
+            model,
+            penalty,
+            who="reverse_kl",
+            why="KL(π‖p*) is infinite while π puts any mass on a violation",
+            hint=", or use objective='forward_kl' (the default with constraints)",
         )
     if steps < 0:
         raise KldslInferenceError(f"steps must be ≥ 0, got {steps}")
@@ -562,6 +539,7 @@ def run(
     conditional = prompts is not None
     prompt_list = _read_prompts(prompts) if conditional else [base.prompt]
     models: dict[int, Model] = {}  # the model graph conditioned on each prompt
+    soft_models: dict[int, Model] = {}  # and its softened graph (reverse KL with constraints)
     folder = Path(output_dir) if output_dir is not None else None
     settings = {  # _SETTINGS, as JSON gives them back from a checkpoint
         "objective": objective,
@@ -622,11 +600,20 @@ def run(
                 prompt = prompt_list[k]
                 if k not in models:
                     models[k] = with_prompt(model, prompt) if conditional else model
+                    if softened is not None:
+                        soft_models[k] = with_prompt(softened, prompt) if conditional else softened
                 gen = torch.Generator().manual_seed(_shard_seed(state["base_seed"], step, shard))
                 drawn = sampler.sample(shard_size, base.max_tokens, prompt=prompt, seed=gen)
                 log_s = drawn.log_probs.double().cpu()
                 log_a = target.lm.score(drawn.ids, prompt=prompt).double()
                 density = models[k].log_density(drawn.ids, base_log_probs=log_a)
+                if softened is None:
+                    log_p_penalized = density.log_p
+                else:  # nothing scored or evaluated again: reuse= the exact density's values
+                    soft = soft_models[k].log_density(
+                        drawn.ids, base_log_probs=log_a, reuse=density
+                    )
+                    log_p_penalized = soft.log_p
                 log_pi = policy.log_prob(drawn.ids, prompt=prompt)
                 if not log_pi.requires_grad:
                     raise KldslInferenceError(
@@ -636,7 +623,9 @@ def run(
                 if main and target.sink is not None:
                     write_jsonl(Draw(drawn.ids, log_s, density), target.sink)
                 log_pi_cpu = log_pi.detach().double().cpu()
-                rows.append(_columns(density, log_s, log_pi_cpu, log_a, drawn.ids, penalty, k))
+                rows.append(
+                    _columns(density, log_p_penalized, log_s, log_pi_cpu, log_a, drawn.ids, k)
+                )
                 log_pis.append(log_pi)
                 ids.extend(drawn.ids)
             local = torch.cat(rows)
@@ -785,17 +774,17 @@ def _all_reduce_grads(params: Sequence[torch.nn.Parameter], acc: Any, world: int
 
 def _columns(
     density: Any,
+    log_p_penalized: Tensor,
     log_s: Tensor,
     log_pi: Tensor,
     log_a: Tensor,
     ids: list[Ids],
-    penalty: float,
     prompt: int,
 ) -> Tensor:
     """One float64 row per draw: what every process needs to compute the global step."""
     cols = [
         density.log_p,
-        _penalized(density.log_p, density.terms, penalty),
+        log_p_penalized,
         log_s,
         log_pi,
         log_a,
@@ -857,42 +846,6 @@ def _lora_info(lora: Any) -> Any:
     # a peft LoraConfig: the fields that change what is trained
     keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save")
     return _lora_info({k: getattr(lora, k, None) for k in keys})
-
-
-# --- exact answers on enumerable LMs (tests, examples) ------------------------------------------
-def exact_divergences(lm: LM, model: Model, limit: int = 200_000) -> dict[str, float]:
-    """KL(π‖p*), KL(p*‖π), JS(π, p*), KL(π‖a), entropy per token and log Z of an enumerable
-    LM π against ``model``'s posterior, by enumerating every sequence.
-
-    Example:
-        >>> m = kl.prior(kl.ToyLM(), max_tokens=3) * kl.exp(kl.length / 1.0)
-        >>> exact_divergences(m.base().lm, m)["kl_pi_a"]
-        0.0
-    """
-    base = model.base()
-    every = lm.enumerate(base.max_tokens, prompt=base.prompt, limit=limit)
-    log_pi = every.log_probs
-    density = model.log_density(every.ids, batch_size=4096)
-    log_z = torch.logsumexp(density.log_p, 0)
-    log_post = density.log_p - log_z
-    log_a = base.lm.score(every.ids, prompt=base.prompt)
-    pi, post = log_pi.exp(), log_post.exp()
-    support = post > 0
-    if bool(((~support) & (pi > 0)).any()):
-        kl_pi_p = math.inf
-    else:
-        kl_pi_p = float((pi * (log_pi - log_post)).sum())
-    mix = torch.logaddexp(log_pi, log_post) - _LOG2
-    js = 0.5 * (pi * (log_pi - mix)).sum() + 0.5 * (post * (log_post - mix))[support].sum()
-    length = torch.tensor([float(len(s)) for s in every.ids], dtype=torch.float64)
-    return {
-        "kl_pi_p": kl_pi_p,
-        "kl_p_pi": float((post * (log_post - log_pi))[support].sum()),
-        "js": float(js),
-        "kl_pi_a": float((pi * (log_pi - log_a)).sum()),
-        "entropy_per_token": float((pi * -log_pi).sum() / (pi * length).sum()),
-        "log_z": float(log_z),
-    }
 
 
 engine = Engine(

@@ -23,9 +23,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from kldsl.backends.variational import exact_divergences
 
 import kldsl as kl
+from kldsl.exact_oracle import exact_divergences
 
 MAX_TOKENS = 4
 

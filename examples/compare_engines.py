@@ -65,8 +65,8 @@ def main(n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     mc = runs["mcmc"]
     print(
         f"mcmc: acceptance {', '.join(f'{k} {v:.2f}' for k, v in mc.info['acceptance'].items())}; "
-        f"split R-hat max {mc.divergences['split R-hat (max)']:.3f}; "
-        f"ESS min {mc.divergences['MCMC ESS (min)']:.0f} of {len(mc)}"
+        f"split R-hat max {mc.diagnostics['split R-hat (max)']:.3f}; "
+        f"ESS min {mc.diagnostics['MCMC ESS (min)']:.0f} of {len(mc)}"
     )
     return results
 

@@ -7,7 +7,6 @@ Example:
     prior(smollm2, max_tokens=40) * exp(sentiment / 0.2) | not curse
 """
 
-from kldsl.backends.qrs import qrs_sweep
 from kldsl.builtins import contains, curse, length, offensive, regex, reward_model, sentiment
 from kldsl.errors import (
     KldslError,
@@ -33,6 +32,7 @@ from kldsl.graph import (
     Tilt,
     constraint,
     exp,
+    indicator,
     prior,
     reward,
 )
@@ -42,6 +42,7 @@ from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
+from kldsl.transforms import soften, with_prompt
 
 __all__ = [
     "LM",
@@ -76,6 +77,7 @@ __all__ = [
     "engines",
     "exp",
     "get_engine",
+    "indicator",
     "infer",
     "qrs_sweep",
     "length",
@@ -88,5 +90,17 @@ __all__ = [
     "reward",
     "reward_model",
     "sentiment",
+    "soften",
     "to_pyro",
+    "with_prompt",
 ]
+
+
+def __getattr__(name: str):
+    # qrs_sweep belongs to the qrs engine: loaded on first use, so importing kldsl's core
+    # never imports an engine
+    if name == "qrs_sweep":
+        from kldsl.backends.qrs import qrs_sweep
+
+        return qrs_sweep
+    raise AttributeError(f"module 'kldsl' has no attribute {name!r}")

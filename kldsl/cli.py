@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -50,9 +51,65 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("chains", "burn_in", "thin", "moves", "bound", "max_proposals", "qrs_beta", "resample")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+# options a command sets itself, or builds from flags of its own (not generated from engines)
+_SAMPLE_OWN = {"resume", "overwrite"}
+_FIT_OWN = {"output_dir", "resume", "overwrite", "lora"}
+# fit's defaults where they differ from the engines' own (passed only to engines taking them)
+_FIT_DEFAULTS = {"steps": 100, "checkpoint_every": 50}
+
+
+def _add_engine_flags(
+    parser: argparse.ArgumentParser, fits: bool, own: set[str], defaults: dict[str, Any]
+) -> None:
+    """One flag per option of the registered sampling (or fitting) engines, from
+    ``Engine.options()``: ``--burn-in`` for ``burn_in``, typed from the run() signature.
+    Only flags given on the command line (and ``defaults``) reach the engine."""
+    from kldsl.infer import engines, get_engine
+
+    flags: dict[str, list[tuple[str, Any]]] = {}  # name -> [(engine, its Option)]
+    for name in engines():
+        engine = get_engine(name)
+        if engine.fits != fits:
+            continue
+        for option in engine.options().values():
+            if option.type is not None and option.name not in own:
+                flags.setdefault(option.name, []).append((name, option))
+    taken = {a.dest for a in parser._actions}
+    added = []
+    group = parser.add_argument_group("engine options (only the chosen engine's apply)")
+    for name, users in flags.items():
+        if name in taken:  # a plug-in option named like one of the command's own flags
+            continue
+        option = users[0][1]
+        text = next((o.help for _, o in users if o.help), option.annotation)
+        values = {e: defaults.get(name, o.default) for e, o in users}
+        if len(set(map(repr, values.values()))) == 1:
+            default = f" (default {option.default!r})" if option.default is not None else ""
+            default = f" (default {defaults[name]!r})" if name in defaults else default
+        else:
+            default = " (default " + ", ".join(f"{e} {v!r}" for e, v in values.items()) + ")"
+        shown = f"{', '.join(e for e, _ in users)}: {text}{default}"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": shown}
+        if option.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = option.type
+        group.add_argument("--" + name.replace("_", "-"), **kw)
+        added.append(name)
+    parser.set_defaults(engine_flags=frozenset(added))
+
+
+def _engine_options(
+    args: argparse.Namespace, engine: str, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The engine flags given on the command line, and those of ``defaults`` the engine
+    takes. A given flag the engine does not take is passed on, for infer's clear error."""
+    from kldsl.infer import get_engine
+
+    taken = get_engine(engine).options()
+    options = {k: v for k, v in (defaults or {}).items() if k in taken}
+    options.update({k: v for k, v in vars(args).items() if k in args.engine_flags})
+    return options
 
 
 def _clip(text: str, width: int = 90) -> str:
@@ -79,7 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=True,
         resume=args.resume,
         overwrite=args.force,
-        **_engine_options(args),
+        **_engine_options(args, args.engine),
     )
     elapsed = time.perf_counter() - start
     console.print(samples.summary())
@@ -163,16 +220,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     console = _console()
     model = load(args.file)
-    options: dict[str, Any] = {
-        "steps": args.steps,
-        "output_dir": args.out,
-        "resume": args.resume,
-        "overwrite": args.overwrite,
-        "checkpoint_every": args.checkpoint_every,
-    }
-    for key in ("objective", "lr", "penalty", "prompts"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    from kldsl.infer import get_engine
+
+    taken = get_engine(args.engine).options()
+    options = _engine_options(args, args.engine, _FIT_DEFAULTS)
+    saves = "output_dir" in taken  # the engine writes the folder (checkpoints, metrics) itself
+    if saves:
+        options["output_dir"] = args.out
+    elif (Path(args.out) / "fit.json").exists() and not args.overwrite:
+        raise KldslError(
+            f"{args.out} already holds a fit; pass --overwrite to replace it, or choose "
+            "another --out"
+        )
     if args.lora:
         lora: dict[str, Any] = {"r": args.lora_r}
         if args.lora_targets:
@@ -185,9 +244,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=True,
+        resume=args.resume,
+        overwrite=args.overwrite,
         **options,
     )
     elapsed = time.perf_counter() - start
+    if not saves:
+        fit.save(args.out)
     table = Table(
         title=f"{fit.objective}: {len(fit.history)} steps of {model}", title_justify="left"
     )
@@ -201,7 +264,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{value:.4g}")
     console.print(table)
     plot = fit.plot(f"{args.out}/curves.png")
-    print(f"curves: {plot}; metrics: {args.out}/metrics.jsonl; tensorboard --logdir {args.out}")
+    if (Path(args.out) / "metrics.jsonl").exists():
+        print(f"curves: {plot}; metrics: {args.out}/metrics.jsonl; tensorboard --logdir {args.out}")
+    else:
+        print(f"curves: {plot}; metrics: {args.out}/history.jsonl")
     print(f'fine-tuned LM saved in {args.out}: use it as prior("{args.out}") or as --proposal')
     print(f"{len(fit.history)} steps in {elapsed:.1f} s")
     return 0
@@ -250,21 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", help="write a PNG of weights and rewards here")
     p.add_argument("--show", type=int, default=5, help="best samples to show (default 5)")
-    group = p.add_argument_group("engine options (only the chosen engine's apply)")
-    group.add_argument("--bound", type=float, help="rejection: M ≥ max log w")
-    group.add_argument("--max-proposals", type=int, help="rejection/qrs: give up after this many")
-    group.add_argument("--qrs-beta", type=float, help="qrs: acceptance threshold β")
-    group.add_argument("--resample", type=int, help="importance: return N resampled samples")
-    group.add_argument("--chains", type=int, help="mcmc: number of chains")
-    group.add_argument("--burn-in", type=int, help="mcmc: steps discarded per chain")
-    group.add_argument("--thin", type=int, help="mcmc: keep every k-th step")
-    group.add_argument("--moves", help='mcmc: move mixture, e.g. "independent:0.3,local:0.7"')
+    _add_engine_flags(p, fits=False, own=_SAMPLE_OWN, defaults={})
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("fit", help="fine-tune an LM toward a model's posterior (variational)")
     p.add_argument("file", help="a .kl file")
     p.add_argument("--engine", default="variational", help="a fitting engine (default variational)")
-    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     p.add_argument("--out", required=True, help="folder for metrics, checkpoints and the fit")
     p.add_argument(
         "--resume",
@@ -276,20 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start again in an --out folder that already holds checkpoints or a fit",
     )
-    p.add_argument(
-        "--objective",
-        choices=["reverse_kl", "forward_kl", "js"],
-        help="default: forward_kl with hard constraints, reverse_kl without",
-    )
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
-    p.add_argument("--penalty", type=float, help="reverse_kl: log-weight of a violated constraint")
-    p.add_argument("--prompts", help="a file of prompts, one a line: a conditional target (CDPG)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    _add_engine_flags(p, fits=True, own=_FIT_OWN, defaults=_FIT_DEFAULTS)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("engines", help="list the inference engines")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+from kldsl.density import factors_of, leaves, unknown_node
 from kldsl.errors import shorten
 from kldsl.graph import (
     And,
     Condition,
     Constraint,
     ConstraintExpr,
+    Indicator,
     Model,
+    Node,
     Not,
     Or,
     Power,
@@ -42,7 +45,9 @@ def math_reward(expr: RewardExpr) -> str:
             return f"{math_reward(left)} + {math_reward(right)}"
         case RNeg(inner):
             return f"−{_paren(inner)}"
-    raise ValueError(f"Unrecognized reward node: {expr!r}")
+        case Indicator(constraint):
+            return f"1[{math_constraint(constraint)}]"
+    raise unknown_node(expr, "explain")
 
 
 def _paren(expr: RewardExpr) -> str:
@@ -62,7 +67,7 @@ def math_constraint(expr: ConstraintExpr) -> str:
             return f"{_cparen(left, Or)} ∧ {_cparen(right, Or)}"
         case Or(left, right):
             return f"{_cparen(left, And)} ∨ {_cparen(right, And)}"
-    raise ValueError(f"Unrecognized constraint node: {expr!r}")
+    raise unknown_node(expr, "explain")
 
 
 def _cparen(expr: ConstraintExpr, other: type) -> str:
@@ -72,7 +77,7 @@ def _cparen(expr: ConstraintExpr, other: type) -> str:
 
 def _interval(lo: float, hi: float) -> str:
     def f(v: float) -> str:
-        return "∞" if v == math.inf else "−∞" if v == -math.inf else f"{v:g}"
+        return "∞" if v == math.inf else "−∞" if v == -math.inf else f"{v + 0.0:g}"  # no −0
 
     return f"[{f(lo)}, {f(hi)}]"
 
@@ -81,10 +86,10 @@ def formula(model: Model) -> str:
     """``p̃(x) = a(x)·exp(r(x)/β)·1[¬c(x)]`` for this model."""
     symbols = _prior_symbols(model)
     parts = []
-    for f in model.factors():
-        match f:
+    for f in factors_of(model):
+        match f.node:
             case Prior():
-                parts.append(f"{symbols[f]}(x)")
+                parts.append(f"{symbols[f.node]}(x)")
             case Power(prior, alpha):
                 parts.append(f"{symbols[prior]}(x)^{_num(alpha)}")
             case Tilt(reward):
@@ -92,7 +97,7 @@ def formula(model: Model) -> str:
             case Condition(_, constraint):
                 parts.append(f"1[{math_constraint(constraint)}]")
             case _:
-                raise ValueError(f"Unrecognized factor: {f!r}")
+                raise unknown_node(f.node, "explain")
     return "p̃(x) = " + "·".join(parts)
 
 
@@ -100,9 +105,10 @@ def explain(model: Model) -> str:
     """The maths of ``model`` and one table row per factor."""
     model.check()
     symbols = _prior_symbols(model)
-    base = model.base()
     rows: list[tuple[str, str, str, str]] = []
-    for f in model.factors():
+    softened = False
+    for factor in factors_of(model):
+        f, kind = factor.node, factor.kind
         match f:
             case Prior() | Power():
                 prior = f.prior if isinstance(f, Power) else f
@@ -110,22 +116,22 @@ def explain(model: Model) -> str:
                 what = f"LM {name}"
                 if prior.prompt:
                     what += f", prompt {shorten(repr(prior.prompt))}"
-                if prior is base:
+                if kind == "prior":
                     what += f", ≤ {prior.max_tokens} tokens; the base: x is drawn from it"
                 else:
                     what += "; another expert, scored on the base's tokens"
                 alpha = f" (tempered by {_num(f.alpha)})" if isinstance(f, Power) else ""
-                kind = "prior" if prior is base else "expert"
                 rows.append((f"{symbols[prior]}(x)" + alpha, kind, "log-prob", what))
             case Tilt(reward):
                 lo, hi = reward.bounds()
-                leaves = "; ".join(
+                notes = "; ".join(
                     f"{leaf}: {leaf.doc}" if leaf.doc else str(leaf)
-                    for leaf in dict.fromkeys(reward.leaves())
+                    for leaf in dict.fromkeys(leaves(reward))
                 )
-                rows.append(
-                    (f"exp({math_reward(reward)})", "tilt", f"∈ {_interval(lo, hi)}", leaves)
-                )
+                if any(isinstance(n, Indicator) for n in _nodes(reward)):
+                    softened = True
+                    notes += " (a softened hard constraint: a violation costs, never excludes)"
+                rows.append((f"exp({math_reward(reward)})", kind, f"∈ {_interval(lo, hi)}", notes))
             case Condition(_, constraint):
                 notes = "; ".join(
                     f"{leaf}: {leaf.doc}" if leaf.doc else str(leaf)
@@ -133,7 +139,9 @@ def explain(model: Model) -> str:
                 )
                 if constraint.prefix_closed:
                     notes += " (prefix-closed: a violating prefix can be pruned)"
-                rows.append((f"1[{math_constraint(constraint)}]", "constraint", "0 or −∞", notes))
+                rows.append((f"1[{math_constraint(constraint)}]", kind, "0 or −∞", notes))
+            case _:
+                raise unknown_node(f, "explain")
     header = ("factor", "kind", "log value", "meaning")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     lines = [
@@ -153,4 +161,15 @@ def explain(model: Model) -> str:
             "Hard constraints put log p̃ = −∞ on violations: Z is then the prior probability of "
             "satisfying them (times the tilt), and KL(p*‖a) ≥ −log Z.",
         ]
+    if softened:
+        lines += [
+            "",
+            "exp(−k·1[¬c(x)]) is a hard constraint c softened: a violation lowers log p̃ by k "
+            "instead of excluding x, so p* still puts some mass on violations.",
+        ]
     return "\n".join(lines)
+
+
+def _nodes(node: Node) -> list[Node]:
+    """``node`` and every node under it."""
+    return [node, *(n for c in node._children() if isinstance(c, Node) for n in _nodes(c))]

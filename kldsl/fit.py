@@ -4,10 +4,11 @@
 ``fit.history`` holds one dict of metrics per step; ``fit.save(folder)`` writes both and
 ``kl.prior(folder)`` (or :func:`load_model`) loads the LM back.
 
-Example:
-    >>> fit = kl.infer(posterior, engine="variational", steps=100, lr=0.05)
-    >>> fit.save("runs/toy")
-    >>> kl.infer(posterior, engine="importance", proposal=kl.prior("runs/toy").lm)
+Example::
+
+    fit = kl.infer(posterior, engine="variational", steps=100, lr=0.05)
+    fit.save("runs/toy")
+    kl.infer(posterior, engine="importance", proposal=kl.prior("runs/toy").lm)
 """
 
 from __future__ import annotations

@@ -329,6 +329,38 @@ class RNeg(RewardExpr):
         return -self.expr.evaluate(values)
 
 
+@dataclass(frozen=True)
+class Indicator(RewardExpr):
+    """``indicator(c)``: the reward 1[c(x)] ∈ {0, 1} of a constraint.
+
+    :func:`kldsl.transforms.soften` tilts by ``indicator(¬c) * -penalty`` in place of a hard
+    ``| c``. Its leaves are constraints, so :meth:`leaves` (reward leaves) is empty.
+    """
+
+    constraint: ConstraintExpr
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.constraint, ConstraintExpr):
+            raise KldslTypeError(f"indicator() takes a constraint; got {shown(self.constraint)}")
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.constraint,)
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"indicator({self.constraint})", P_ATOM
+
+    def bounds(self) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+    def leaves(self) -> list[Reward]:
+        return []
+
+    def evaluate(self, values: dict[Node, Tensor]) -> Tensor:  # type: ignore[override]
+        """1.0 where the constraint holds, else 0.0 (``values`` holds its constraint leaves)."""
+        return self.constraint.evaluate(values).double()  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------
 # Constraints: batched text -> bool functions and logic over them
 # ---------------------------------------------------------------------------------------
@@ -596,83 +628,32 @@ class Model(Node):
         base_log_probs: Tensor | None = None,
         texts: list[str] | None = None,
         batch_size: int = 64,
+        reuse: Density | None = None,
     ) -> Density:
         """log p̃(x) [N] with a per-factor breakdown, in batches of ``batch_size``.
 
         ``base_log_probs`` are log a(x) of the base prior when the caller has them from
-        the passes that sampled the sequences (so nothing is scored twice).
+        the passes that sampled the sequences (so nothing is scored twice); ``reuse`` is a
+        density of the same sequences whose prior scores and leaf values are reused (e.g.
+        for a rewritten graph, :func:`kldsl.transforms.soften`). The interpreter is
+        :func:`kldsl.density.log_density`.
         """
-        base = self.base()
-        lm = base.lm
-        if texts is None:
-            texts = lm.texts(sequences)
-        n = len(sequences)
-        if base_log_probs is None:
-            base_log_probs = lm.score(sequences, prompt=base.prompt, batch_size=batch_size)
-        base_log_probs = base_log_probs.double().cpu()
-        leaf_values: dict[Node, Tensor] = {}
+        from kldsl.density import log_density
 
-        def leaves_of(leaf_list: Sequence[Reward | Constraint], dtype: torch.dtype) -> None:
-            for leaf in leaf_list:
-                if leaf in leaf_values:
-                    continue
-                parts = [
-                    _call_leaf(leaf, texts[i : i + batch_size], dtype)
-                    for i in range(0, n, batch_size)
-                ]
-                leaf_values[leaf] = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-
-        terms: dict[str, Tensor] = {}
-        rewards: dict[str, Tensor] = {}
-        constraints: dict[str, Tensor] = {}
-        symbols = _prior_symbols(self)
-        for f in self.factors():
-            if isinstance(f, Prior | Power):
-                prior = f.prior if isinstance(f, Power) else f
-                if prior is base:
-                    lp = base_log_probs
-                else:
-                    _check_same_tokenizer(base, prior)
-                    lp = prior.lm.score(sequences, prompt=prior.prompt, batch_size=batch_size)
-                alpha = f.alpha if isinstance(f, Power) else 1.0
-                label = f"log {symbols[prior]}" + (f"^{_num(alpha)}" if alpha != 1.0 else "")
-                terms[_unique(terms, label)] = alpha * lp.double()
-            elif isinstance(f, Tilt):
-                leaves_of(f.reward.leaves(), torch.float64)
-                for leaf in f.reward.leaves():
-                    rewards[str(leaf)] = leaf_values[leaf]
-                terms[_unique(terms, str(f.reward))] = f.reward.evaluate(leaf_values)
-            elif isinstance(f, Condition):
-                leaves_of(f.constraint.leaves(), torch.bool)
-                ok = f.constraint.evaluate(leaf_values)
-                constraints[_unique(constraints, str(f.constraint))] = ok
-                log_ind = torch.where(ok, 0.0, -math.inf).double()
-                terms[_unique(terms, f"1[{f.constraint}]")] = log_ind
-        total = torch.zeros(n, dtype=torch.float64)
-        for value in terms.values():
-            total = total + value
-        return Density(total, terms, rewards, constraints, texts)
+        return log_density(
+            self,
+            sequences,
+            base_log_probs=base_log_probs,
+            texts=texts,
+            batch_size=batch_size,
+            reuse=reuse,
+        )
 
     def explain(self) -> str:
         """The target's mathematics and a table of its factors, as text."""
         from kldsl.explain import explain
 
         return explain(self)
-
-
-def _unique(existing: dict, label: str) -> str:
-    out, k = label, 2
-    while out in existing:
-        out, k = f"{label} #{k}", k + 1
-    return out
-
-
-def _check_same_tokenizer(base: Prior, other: Prior) -> None:
-    if base.lm.tokenizer_signature() != other.lm.tokenizer_signature():
-        raise KldslTypeError(
-            f"a product of experts needs LMs that share a tokenizer: {base.lm.name} and "
-            f"{other.lm.name} tokenize differently"
-        )
 
 
 def _prior_symbols(model: Model) -> dict[Prior, str]:
@@ -683,15 +664,55 @@ def _prior_symbols(model: Model) -> dict[Prior, str]:
     return symbols
 
 
+#: The kinds of factor of p̃: the base prior, another (product-of-experts) prior, a tilt
+#: exp(r) and a hard constraint 1[c].
+KINDS = ("prior", "expert", "tilt", "constraint")
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One factor's log contribution to log p̃: what engines read (never ``label``)."""
+
+    label: str  # for display: the key of ``Density.terms`` ("log a", "sentiment / 0.2", ...)
+    kind: str  # one of KINDS
+    node: Model  # the factor node: Prior, Power (kinds prior, expert), Tilt, Condition
+    values: Tensor  # [N] float64
+
+
 @dataclass
 class Density:
-    """log p̃ of a batch of sequences with its breakdown by factor."""
+    """log p̃ of a batch of sequences with its breakdown by factor.
+
+    ``terms`` maps each factor's label to its values; :attr:`term_list` and :meth:`by_kind`
+    are the typed view (kind and factor node of each term), present on a density that
+    :meth:`Model.log_density` made (``factors`` is None on one rebuilt from the dicts alone).
+    """
 
     log_p: Tensor  # [N] float64, log p̃(x) (−inf where a constraint fails)
     terms: dict[str, Tensor]  # each factor's log contribution [N]
     rewards: dict[str, Tensor]  # each leaf reward's raw value [N]
     constraints: dict[str, Tensor]  # each condition's satisfaction [N] bool
     texts: list[str]
+    # label of each term -> (kind, factor node); None when rebuilt from the dicts alone
+    factors: dict[str, tuple[str, Model]] | None = field(default=None, repr=False, compare=False)
+    # prior log-probs and leaf values by node, for ``log_density(..., reuse=)``
+    cache: dict[Node, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def term_list(self) -> list[Term]:
+        """Every term in factor order, with its kind and factor node."""
+        if self.factors is None:
+            raise KldslTypeError(
+                "this Density was rebuilt from its dicts and has lost its factor kinds; "
+                "use the Density that Model.log_density returned"
+            )
+        return [Term(k, *self.factors[k], v) for k, v in self.terms.items()]
+
+    def by_kind(self, kind: str) -> list[Term]:
+        """The terms of one kind ("prior", "expert", "tilt" or "constraint")."""
+        if kind not in KINDS:
+            raise KldslTypeError(f"unknown term kind {kind!r}; the kinds are {', '.join(KINDS)}")
+        return [t for t in self.term_list if t.kind == kind]
 
 
 @dataclass(frozen=True)
@@ -876,6 +897,17 @@ def exp(reward: RewardExpr) -> Tilt:
             f"with @kl.reward); got {shown(reward)}"
         )
     return Tilt(reward)
+
+
+def indicator(constraint: ConstraintExpr) -> Indicator:
+    """The reward 1[constraint(x)]: 1.0 where it holds, 0.0 where not.
+
+    Example:
+        >>> from kldsl.builtins import curse
+        >>> str(exp(indicator(~curse) * 2.0))
+        'exp(indicator(not curse) * 2.0)'
+    """
+    return Indicator(constraint)
 
 
 def reward(

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kldsl.errors import KldslModelLoadError
-from kldsl.lm import LM, Ids, SampleBatch, draw, make_generator
+from kldsl.lm import LM, Ids, SampleBatch, draw, make_generator, pick
 
 # keyword arguments of ``from_pretrained`` that the tokenizer needs as well as the model
 _SHARED_KWARGS = (
@@ -260,12 +260,7 @@ class HFLM(LM):
         return torch.cat(parts) if parts else torch.zeros(0, self.vocab_size)
 
     def _next_logprobs(self, prefixes: list[Ids]) -> Tensor:
-        longest = max(len(p) for p in prefixes)
-        ids = torch.full((len(prefixes), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prefixes), longest), dtype=torch.long)
-        for row, prefix in enumerate(prefixes):  # left padding: the last position is real
-            ids[row, longest - len(prefix) :] = torch.tensor(prefix, dtype=torch.long)
-            mask[row, longest - len(prefix) :] = 1
+        ids, mask = pad(prefixes, self.pad_id, left=True)  # the last position is real
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         device = self.device
         out = self._forward(
@@ -295,7 +290,7 @@ class HFLM(LM):
         active = torch.arange(n)  # sequence index of each batch row
         for step in range(max_tokens):
             tokens = draw(lp, generator)
-            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            picked = pick(lp, tokens).double().cpu()
             total[active] += picked
             for row, i in enumerate(active.tolist()):
                 seqs[i].append(int(tokens[row]))
@@ -337,12 +332,7 @@ class HFLM(LM):
             rows = list(range(start, min(start + self.max_batch, len(prefixes))))
             full = [context + list(prefixes[k]) for k in rows]
             budget = torch.tensor([max_tokens - len(prefixes[k]) for k in rows])
-            longest = max(len(f) for f in full)
-            ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), longest), dtype=torch.long)
-            for row, f in enumerate(full):  # left padding: the last position is real
-                ids[row, longest - len(f) :] = torch.tensor(f, dtype=torch.long)
-                mask[row, longest - len(f) :] = 1
+            ids, mask = pad(full, self.pad_id, left=True)  # the last position is real
             device = self.device
             out = self._forward(
                 ids.to(device),
@@ -357,7 +347,7 @@ class HFLM(LM):
             position = mask.sum(1)  # position id of the next token of each row
             while True:
                 tokens = draw(lp, generator)
-                picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double()
+                picked = pick(lp, tokens).double()
                 for row, k in enumerate(active.tolist()):
                     tails[k].append(int(tokens[row]))
                     token_lp[k].append(float(picked[row]))
@@ -405,10 +395,8 @@ class HFLM(LM):
                 rows = max(1, min(batch_size, self.max_tokens_per_forward // longest))
             chunk = order[start : start + rows]
             start += len(chunk)
-            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
+            ids, _ = pad([sequences[i] for i in chunk], self.pad_id, width=longest)
             lengths = torch.tensor([len(sequences[i]) for i in chunk])
-            for row, i in enumerate(chunk):
-                ids[row, : len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
             if self.stepwise_score:  # every chunk's cache has the room of the longest sequence
                 held = self._score_stepwise(context, ids, lengths, room=len(sequences[order[0]]))
             else:
@@ -479,13 +467,7 @@ class HFLM(LM):
             chunk = [list(s) for s in sequences[start : start + rows]]
             start += len(chunk)
             longest = max(1, max(len(s) for s in chunk))
-            ids = torch.full((len(chunk), width + longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width + longest), dtype=torch.long)
-            ids[:, :width] = torch.tensor(context, dtype=torch.long)
-            mask[:, :width] = 1
-            for row, seq in enumerate(chunk):
-                ids[row, width : width + len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width : width + len(seq)] = 1
+            ids, mask = pad([context + seq for seq in chunk], self.pad_id, width=width + longest)
             kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "use_cache": False}
             if self._keep_kwarg is not None:  # only the positions that predict held tokens
                 kwargs[self._keep_kwarg] = longest + 1
@@ -495,6 +477,28 @@ class HFLM(LM):
             held = torch.where(keep, held.squeeze(2), torch.zeros_like(held.squeeze(2)))
             out.append(held.sum(1).double())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def pad(
+    rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False, width: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token ids [B, width] (long) of ragged ``rows`` padded with ``pad_id``, and the
+    attention mask (1 on real tokens); ``left`` pads before the tokens (so every row's last
+    position is real), otherwise after. ``width`` defaults to the longest row.
+
+    Example:
+        >>> ids, mask = pad([[5], [6, 7]], 0, left=True)
+        >>> ids.tolist(), mask.tolist()
+        ([[0, 5], [6, 7]], [[0, 1], [1, 1]])
+    """
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        ids[row, span] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
 
 
 def _cache_of(out: Any, name: str) -> Any:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kldsl import budget
 from kldsl.errors import KldslError, KldslNameError
@@ -27,6 +28,58 @@ from kldsl.graph import Model
 from kldsl.lm import LM, make_generator
 from kldsl.sink import Sink
 from kldsl.target import Target
+
+if TYPE_CHECKING:
+    from kldsl.fit import Fit
+    from kldsl.samples import Samples
+
+#: the keyword arguments every engine's run() takes (not options of its own)
+COMMON = ("target", "n", "generator", "batch_size", "progress")
+_CLI_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": str, "PathLike": str}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of an engine, read from its run() signature and docstring.
+
+    ``type`` is what a command line can give it (bool, int, float or str; None when only
+    Python can, e.g. a dict or an object); ``help`` is the docstring's line for it, if any.
+    """
+
+    name: str
+    annotation: str
+    default: Any
+    type: type | None
+    help: str = ""
+
+
+def _cli_type(annotation: str) -> type | None:
+    """bool, int, float or str from an annotation such as ``int | None`` (None: none fits)."""
+    parts = {p.strip().split(".")[-1] for p in re.sub(r"\[.*?\]", "", annotation).split("|")}
+    parts.discard("None")
+    if parts == {"bool"}:
+        return bool
+    for name in ("int", "float", "str", "Path", "PathLike"):
+        if name in parts:
+            return _CLI_TYPES[name]
+    return None
+
+
+def _option_help(doc: str | None, names: set[str]) -> dict[str, str]:
+    """Each option's line in a docstring: ``name: text``, ````name````: text or
+    ``name (type): text`` (Google style), continued on more-indented lines."""
+    found: dict[str, str] = {}
+    current, indent = None, 0
+    for line in (doc or "").splitlines():
+        m = re.match(r"^(\s*)`*(\w+)`*\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+        if m and m.group(2) in names:
+            current, indent = m.group(2), len(m.group(1))
+            found[current] = m.group(3).strip()
+        elif current and line.strip() and len(line) - len(line.lstrip()) > indent:
+            found[current] += " " + line.strip()
+        else:
+            current = None
+    return found
 
 
 @dataclass(frozen=True)
@@ -44,12 +97,35 @@ class Engine:
     run: Callable[..., Any]
     resumable: bool = False
     batched: bool = True
+    takes_proposal: bool = True  # False: ``proposal=`` is refused before anything runs
 
-    def options(self) -> list[str]:
-        """The engine's own keyword options."""
-        params = inspect.signature(self.run).parameters
-        common = {"target", "n", "generator", "batch_size", "progress"}
-        return [p for p in params if p not in common]
+    def options(self) -> dict[str, Option]:
+        """The engine's own keyword options (name → :class:`Option`), in signature order:
+        names, types and defaults from run()'s signature, help from its docstring."""
+        params = {
+            k: p for k, p in inspect.signature(self.run).parameters.items() if k not in COMMON
+        }
+        helps = _option_help(self.run.__doc__, set(params))
+        out = {}
+        for name, p in params.items():
+            annotation = p.annotation
+            if annotation is inspect.Parameter.empty:
+                annotation = (
+                    "" if p.default is inspect.Parameter.empty else type(p.default).__name__
+                )
+            elif not isinstance(annotation, str):
+                annotation = inspect.formatannotation(annotation)
+            default = None if p.default is inspect.Parameter.empty else p.default
+            out[name] = Option(
+                name, annotation, default, _cli_type(annotation), helps.get(name, "")
+            )
+        return out
+
+    @property
+    def fits(self) -> bool:
+        """Whether it is a fitting engine: its run() returns a :class:`kldsl.Fit`."""
+        returns = inspect.signature(self.run).return_annotation
+        return getattr(returns, "__name__", returns) == "Fit"
 
 
 @functools.cache
@@ -74,6 +150,58 @@ def get_engine(name: str) -> Engine:
     return engine
 
 
+SamplingEngine = Literal["exact", "rejection", "importance", "qrs", "mcmc", "pyro-importance"]
+FittingEngine = Literal["variational", "pyro-svi"]
+
+
+@overload
+def infer(
+    model: Model,
+    engine: SamplingEngine = ...,
+    n: int = ...,
+    seed: int = ...,
+    proposal: LM | str | Path | None = ...,
+    batch_size: int = ...,
+    out: str | Path | None = ...,
+    progress: bool | None = ...,
+    resume: bool = ...,
+    overwrite: bool = ...,
+    **options: Any,
+) -> Samples: ...
+
+
+@overload
+def infer(
+    model: Model,
+    engine: FittingEngine,
+    n: int = ...,
+    seed: int = ...,
+    proposal: LM | str | Path | None = ...,
+    batch_size: int = ...,
+    out: str | Path | None = ...,
+    progress: bool | None = ...,
+    resume: bool = ...,
+    overwrite: bool = ...,
+    **options: Any,
+) -> Fit: ...
+
+
+@overload
+def infer(
+    model: Model,
+    engine: str,
+    n: int = ...,
+    seed: int = ...,
+    proposal: LM | str | Path | None = ...,
+    batch_size: int = ...,
+    out: str | Path | None = ...,
+    progress: bool | None = ...,
+    resume: bool = ...,
+    overwrite: bool = ...,
+    **options: Any,
+) -> Samples | Fit: ...
+
+
 def infer(
     model: Model,
     engine: str = "importance",
@@ -86,8 +214,12 @@ def infer(
     resume: bool = False,
     overwrite: bool = False,
     **options: Any,
-) -> Any:
+) -> Samples | Fit:
     """Approximate the posterior of ``model`` with ``engine``.
+
+    Returns a :class:`kldsl.Samples` from a sampling engine and a :class:`kldsl.Fit` (a
+    fine-tuned LM) from a fitting engine (``variational``, ``pyro-svi``; see
+    :attr:`Engine.fits`).
 
     ``proposal`` is any LM (or a model name / folder) to draw from instead of the prior;
     ``out`` streams every draw to a JSON-lines file as it is made, so a failure later
@@ -116,6 +248,12 @@ def infer(
         raise KldslError(
             f"engine {engine!r} has no option {', '.join(sorted(unknown))}; "
             f"its options: {', '.join(chosen.options()) or 'none'}"
+        )
+    if proposal is not None and not chosen.takes_proposal:
+        can = ", ".join(k for k in sorted(_registry()) if get_engine(k).takes_proposal)
+        raise KldslError(
+            f"engine {engine!r} takes no proposal= (it does not draw from a proposal); drop "
+            f"proposal=, or use an engine that does: {can}"
         )
     own = [k for k in ("resume", "overwrite") if k in chosen.options()]
     for key, value in (("resume", resume), ("overwrite", overwrite)):

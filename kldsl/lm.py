@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,11 @@ def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed))
     return gen
+
+
+def pick(log_probs: Tensor, tokens: Tensor) -> Tensor:
+    """``log_probs[row, tokens[row]]`` for each row of a [B, V] tensor: [B]."""
+    return log_probs.gather(1, tokens.to(log_probs.device).unsqueeze(1)).squeeze(1)
 
 
 def draw(log_probs: Tensor, generator: torch.Generator) -> Tensor:
@@ -204,7 +209,7 @@ class LM:
                 break
             lp = self.next_logprobs([context + seqs[i] for i in active])
             tokens = draw(lp, generator)
-            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            picked = pick(lp, tokens).double().cpu()
             still = []
             for row, i in enumerate(active):
                 tok = int(tokens[row])
@@ -244,7 +249,7 @@ class LM:
         while active:
             lp = self.next_logprobs([context + list(prefixes[k]) + tails[k] for k in active])
             tokens = draw(lp, generator)
-            picked = lp.gather(1, tokens.to(lp.device).unsqueeze(1)).squeeze(1).double().cpu()
+            picked = pick(lp, tokens).double().cpu()
             still = []
             for row, k in enumerate(active):
                 tok = int(tokens[row])
@@ -260,14 +265,9 @@ class LM:
         self, sequences: Sequence[Sequence[int]], *, prompt: str = ""
     ) -> list[list[float]]:
         """The log-probability of each token of each sequence (they sum to :meth:`score`)."""
-        context = self.context_ids(prompt)
         out: list[list[float]] = [[] for _ in sequences]
-        for t in range(max((len(s) for s in sequences), default=0)):
-            rows = [k for k, s in enumerate(sequences) if len(s) > t]
-            lp = self.next_logprobs([context + list(sequences[k][:t]) for k in rows])
-            tok = torch.tensor([sequences[k][t] for k in rows], device=lp.device)
-            picked = lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu().tolist()
-            for k, value in zip(rows, picked):
+        for rows, picked in self._positions(sequences, prompt):
+            for k, value in zip(rows, picked.double().cpu().tolist()):
                 out[k].append(value)
         return out
 
@@ -276,34 +276,37 @@ class LM:
         self, sequences: Sequence[Sequence[int]], *, prompt: str = "", batch_size: int = 64
     ) -> Tensor:
         """Exact log-probability [N] (float64) of each sequence given the prompt."""
-        context = self.context_ids(prompt)
         out = torch.zeros(len(sequences), dtype=torch.float64)
-        longest = max((len(s) for s in sequences), default=0)
-        for t in range(longest):
-            rows = [i for i, s in enumerate(sequences) if len(s) > t]
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                lp = self.next_logprobs([context + list(sequences[i][:t]) for i in chunk])
-                tok = torch.tensor([sequences[i][t] for i in chunk], device=lp.device)
-                out[chunk] += lp.gather(1, tok.unsqueeze(1)).squeeze(1).double().cpu()
+        for rows, picked in self._positions(sequences, prompt, batch_size):
+            out[rows] += picked.double().cpu()
         return out
 
     def log_prob(self, sequences: Sequence[Sequence[int]], *, prompt: str = "") -> Tensor:
         """Log-probability [N] of each sequence given the prompt, differentiable in the LM's
         parameters: what fine-tuning back-propagates through (:meth:`score` is its no-grad,
         exact twin). This default works when ``next_logprobs`` is differentiable."""
-        context = self.context_ids(prompt)
         parts: list[list[Tensor]] = [[] for _ in sequences]
-        longest = max((len(s) for s in sequences), default=0)
-        for t in range(longest):
-            rows = [i for i, s in enumerate(sequences) if len(s) > t]
-            lp = self.next_logprobs([context + list(sequences[i][:t]) for i in rows])
-            tok = torch.tensor([sequences[i][t] for i in rows], device=lp.device)
-            picked = lp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        for rows, picked in self._positions(sequences, prompt):
             for row, i in enumerate(rows):
                 parts[i].append(picked[row])
         zero = torch.zeros((), dtype=torch.float64)
         return torch.stack([torch.stack(p).sum().double() if p else zero for p in parts])
+
+    def _positions(
+        self, sequences: Sequence[Sequence[int]], prompt: str, batch_size: int | None = None
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Teacher forcing, one position t at a time: the rows (indices of the sequences
+        longer than t, in chunks of ``batch_size``) and the log-prob of each one's token t
+        given the prompt and its tokens before t (as differentiable as ``next_logprobs``)."""
+        context = self.context_ids(prompt)
+        longest = max((len(s) for s in sequences), default=0)
+        for t in range(longest):
+            rows = [i for i, s in enumerate(sequences) if len(s) > t]
+            step = batch_size or max(len(rows), 1)
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                lp = self.next_logprobs([context + list(sequences[i][:t]) for i in chunk])
+                yield chunk, pick(lp, torch.tensor([sequences[i][t] for i in chunk]))
 
     @torch.no_grad()
     def enumerate(self, max_tokens: int, *, prompt: str = "", limit: int = 200_000) -> SampleBatch:

@@ -55,22 +55,8 @@ from kldsl.lm import LM
 FACTORIES: dict[str, Callable[..., Any]] = {
     "prior": graph.prior,
     "exp": graph.exp,
+    "indicator": graph.indicator,
     **BUILTIN_FACTORIES,
-}
-
-_OPERATORS = {
-    "STAR": "*",
-    "SLASH": "/",
-    "PLUS": "+",
-    "MINUS": "-",
-    "VBAR": "|",
-    "EQUAL": "=",
-    "LPAR": "(",
-    "COMMA": ",",
-    "__ANON_0": "**",
-    "NOT": "not",
-    "AND": "and",
-    "OR": "or",
 }
 
 

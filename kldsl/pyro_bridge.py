@@ -3,15 +3,17 @@
 ``to_pyro(model)`` returns a Pyro model with one sample site ``"x"`` (the base prior LM as
 a distribution over EOS-padded token sequences) and one ``pyro.factor`` per other factor
 of p̃, named after it: ``"sentiment / 0.2"`` contributes r/β, ``"1[not curse]"``
-contributes 0 or −∞ (or a finite ``−penalty``), another expert ``"log b"`` its
-log-probability. ``pyro_guide(lm, model)`` samples the same site from any (trainable) LM.
+contributes 0 or −∞, another expert ``"log b"`` its log-probability. With ``penalty=`` the
+model is :func:`kldsl.transforms.soften`-ed first: ``| not curse`` becomes the factor
+``"indicator(curse) * -10.0"`` (0 or −penalty). ``pyro_guide(lm, model)`` samples the
+same site from any (trainable) LM.
 
 Example:
     >>> import kldsl as kl, pyro
     >>> lm = kl.ToyLM()
     >>> m = kl.prior(lm, max_tokens=3) * kl.exp(kl.length / 2.0)
     >>> trace = pyro.poutine.trace(to_pyro(m)).get_trace()
-    >>> list(trace.nodes)
+    >>> [name for name, site in trace.nodes.items() if site["type"] == "sample"]
     ['x', 'length / 2.0']
 """
 
@@ -28,8 +30,9 @@ from pyro.distributions import constraints
 from pyro.ops.provenance import get_provenance, track_provenance
 from torch import Tensor
 
-from kldsl.graph import Model, Power
+from kldsl.graph import Model, Prior
 from kldsl.lm import LM, Ids, make_generator
+from kldsl.transforms import soften
 
 
 class SequenceDistribution(dist.TorchDistribution):
@@ -136,48 +139,40 @@ def to_pyro(
 ) -> Callable[[], Tensor]:
     """A Pyro model for ``model``: the prior LM as site ``"x"`` and one factor per factor.
 
-    ``penalty=None`` keeps hard constraints exact (log 1[c] ∈ {0, −∞}); a number replaces
-    −∞ by −penalty (what score-function SVI needs: a −∞ factor makes the ELBO −∞ and its
-    gradient NaN). ``plate_size`` draws that many sequences at once inside a plate
+    ``penalty=None`` keeps hard constraints exact (log 1[c] ∈ {0, −∞}); a number runs
+    ``soften(model, penalty)`` instead, whose violated constraints cost −penalty (what
+    score-function SVI needs: a −∞ factor makes the ELBO −∞ and its gradient NaN). ``plate_size`` draws that many sequences at once inside a plate
     ``"samples"``.
     """
     model.check()
+    if penalty is not None:
+        model = soften(model, penalty)
     base = model.base()
     lm = base.lm
     prior_dist = SequenceDistribution(lm, base.prompt, base.max_tokens)
 
     def pyro_model() -> Tensor:
         if plate_size is None:
-            return _body(model, base, prior_dist, penalty, batch=())
+            return _body(model, prior_dist, batch=())
         with pyro.plate("samples", plate_size):
-            return _body(model, base, prior_dist, penalty, batch=(plate_size,))
+            return _body(model, prior_dist, batch=(plate_size,))
 
     return pyro_model
 
 
-def _body(
-    model: Model,
-    base: Any,
-    prior_dist: SequenceDistribution,
-    penalty: float | None,
-    batch: tuple[int, ...],
-) -> Tensor:
+def _body(model: Model, prior_dist: SequenceDistribution, batch: tuple[int, ...]) -> Tensor:
     x = pyro.sample("x", prior_dist.expand(batch) if batch else prior_dist)
     seqs = prior_dist.unpad(x)
     log_a = torch.as_tensor(prior_dist.log_prob(x.reshape(-1, prior_dist.max_tokens))).reshape(-1)
     density = model.log_density(seqs, base_log_probs=log_a)
-    base_power = next(
-        (f.alpha for f in model.factors() if isinstance(f, Power) and f.prior is base), None
-    )
-    for label, value in density.terms.items():
-        if label == "log a":
-            continue  # the sample site "x" carries log a(x)
-        if label.startswith("log a^") and base_power is not None:
-            value = value - log_a.double()  # x carries log a; the factor adds (α−1)·log a
-        if penalty is not None:
-            value = torch.where(torch.isneginf(value), torch.full_like(value, -penalty), value)
+    for term in density.term_list:
+        value = term.values
+        if term.kind == "prior":  # the sample site "x" carries log a(x)
+            if isinstance(term.node, Prior):
+                continue
+            value = value - log_a.double()  # a(x)^α: the factor adds (α−1)·log a
         shape = batch if batch else ()
-        pyro.factor(label, _same_provenance(value.reshape(shape), x))
+        pyro.factor(term.label, _same_provenance(value.reshape(shape), x))
     return x
 
 

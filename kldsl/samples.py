@@ -5,6 +5,12 @@ diagnostics once: log Ẑ and its standard error, ESS, reward means and constrai
 under the target (weighted) and under the proposal (unweighted), and the divergence
 estimates where they are defined.
 
+Engine-specific results go in three places, so no method needs to know the engine:
+``columns`` holds per-sample values (one per sample, e.g. MCMC's chain id; resampling,
+``to_pandas`` and ``to_jsonl`` carry them), ``diagnostics`` holds statistics of the run
+(e.g. R-hat, per-statistic ESS and ``traces``, which :meth:`Samples.plot` draws) and
+``info`` holds the settings and anything else.
+
 Example:
     >>> import kldsl as kl
     >>> s = kl.infer(kl.prior(kl.ToyLM(), max_tokens=3) | kl.contains("a"), engine="exact")
@@ -27,7 +33,7 @@ from torch import Tensor
 from kldsl import weights
 from kldsl.graph import Model
 from kldsl.lm import Ids, make_generator
-from kldsl.target import Draw
+from kldsl.target import Draw, json_float
 
 
 @dataclass
@@ -48,8 +54,19 @@ class Samples:
     n_proposed: int  # sequences drawn from the proposal (the cost)
     proposal_means: dict[str, float]  # unweighted reward means and constraint rates of all draws
     acceptance_rate: float | None = None  # accepted / proposed, for rejection-type engines
-    divergences: dict[str, float] = field(default_factory=dict)  # named estimates
-    info: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
+    divergences: dict[str, float] = field(default_factory=dict)  # named divergence estimates
+    columns: dict[str, list[Any] | Tensor] = field(default_factory=dict)  # per sample [N]
+    # statistics of the run: named numbers (shown by summary), per-statistic dicts, and
+    # "traces" ({statistic: [chains, steps]}, drawn by plot)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # settings and other engine extras
+
+    def __post_init__(self) -> None:
+        for name, values in self.columns.items():
+            if len(values) != len(self.ids):
+                raise ValueError(
+                    f"column {name!r} has {len(values)} values for {len(self.ids)} samples"
+                )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -142,15 +159,8 @@ class Samples:
             terms=pick(self.terms),
             rewards=pick(self.rewards),
             constraints=pick(self.constraints),
-            info={
-                **{
-                    key: [value[i] for i in index]
-                    if isinstance(value, list) and len(value) == len(self)
-                    else value
-                    for key, value in self.info.items()
-                },
-                "resampled_from": len(self),
-            },
+            columns={name: _pick_column(v, index) for name, v in self.columns.items()},
+            info={**self.info, "resampled_from": len(self)},
         )
 
     def best(self, k: int = 5) -> list[int]:
@@ -169,7 +179,8 @@ class Samples:
 
     # --- export ---------------------------------------------------------------------
     def to_pandas(self) -> Any:
-        """One row per sample: text, weight, log p̃, each term, reward and constraint."""
+        """One row per sample: text, weight, log p̃, each term, reward, constraint and
+        column."""
         import pandas as pd
 
         data: dict[str, Any] = {
@@ -184,25 +195,28 @@ class Samples:
             data[name] = v.tolist()
         for name, v in self.constraints.items():
             data[name] = v.tolist()
-        for name, v in self.info.items():
-            if isinstance(v, list) and len(v) == len(self):
-                data[name] = v
+        for name, v in self.columns.items():
+            data[name] = _column_list(v)
         return pd.DataFrame(data)
 
     def to_jsonl(self, path: str | Path) -> Path:
-        """Write one JSON object per sample (the summary goes to ``path``.summary.json)."""
+        """Write one JSON object per sample, with its ``columns`` (the summary goes to
+        ``path``.summary.json)."""
         path = Path(path)
+        columns = {name: _column_list(v) for name, v in self.columns.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as f:
             for i in range(len(self)):
                 record = {
                     "text": self.texts[i],
                     "ids": self.ids[i],
-                    "log_weight": _json_float(self.log_weights[i]),
-                    "log_p": _json_float(self.log_p[i]),
+                    "log_weight": json_float(self.log_weights[i]),
+                    "log_p": json_float(self.log_p[i]),
                     "rewards": {k: float(v[i]) for k, v in self.rewards.items()},
                     "constraints": {k: bool(v[i]) for k, v in self.constraints.items()},
                 }
+                if columns:
+                    record["columns"] = {k: v[i] for k, v in columns.items()}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         path.with_suffix(path.suffix + ".summary.json").write_text(
             json.dumps(self.summary_dict(), indent=2, ensure_ascii=False)
@@ -216,13 +230,22 @@ class Samples:
             "model": str(self.model),
             "n": len(self),
             "n_proposed": self.n_proposed,
-            "log_z": _json_float(self.log_z),
-            "log_z_se": _json_float(self.log_z_se),
+            "log_z": json_float(self.log_z),
+            "log_z_se": json_float(self.log_z_se),
             "ess": self.ess,
             "acceptance_rate": self.acceptance_rate,
             "target_means": self.target_means(),
             "proposal_means": self.proposal_means,
-            "divergences": {k: _json_float(v) for k, v in self.divergences.items()},
+            "divergences": {k: json_float(v) for k, v in self.divergences.items()},
+            "diagnostics": {k: json_float(v) for k, v in self.scalar_diagnostics().items()},
+        }
+
+    def scalar_diagnostics(self) -> dict[str, float]:
+        """The diagnostics that are single numbers (e.g. the worst R-hat)."""
+        return {
+            k: float(v)
+            for k, v in self.diagnostics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
         }
 
     def summary(self) -> Any:
@@ -252,7 +275,7 @@ class Samples:
                 f"{self.constraint_rate(name):.2%}",
                 f"{self.constraint_rate(name, weighted=False):.2%}",
             )
-        for name, value in self.divergences.items():
+        for name, value in [*self.divergences.items(), *self.scalar_diagnostics().items()]:
             table.add_row(name, f"{value:.4f}", "")
         return table
 
@@ -284,7 +307,7 @@ class Samples:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        traces = self.info.get("traces") or {}  # MCMC: statistic -> [chains, steps]
+        traces = self.diagnostics.get("traces") or {}  # statistic -> [chains, steps]
         panels = max(1 + len(self.rewards), len(traces))
         rows = 2 if traces else 1
         fig, axes = plt.subplots(rows, panels, figsize=(4.5 * panels, 3.6 * rows), squeeze=False)
@@ -335,9 +358,12 @@ def _trace_panels(axes: Any, traces: dict[str, Tensor]) -> None:
         axes[0].legend(fontsize=7)
 
 
-def _json_float(value: Any) -> float | None:
-    v = float(value)
-    return v if math.isfinite(v) else None
+def _pick_column(values: list[Any] | Tensor, index: list[int]) -> list[Any] | Tensor:
+    return values[index] if isinstance(values, Tensor) else [values[i] for i in index]
+
+
+def _column_list(values: list[Any] | Tensor) -> list[Any]:
+    return values.tolist() if isinstance(values, Tensor) else list(values)
 
 
 def proposal_means(draw: Draw, weights_: Tensor | None = None) -> dict[str, float]:

@@ -151,14 +151,20 @@ class Target:
         return self.evaluate(batch.ids, batch.log_probs, batch=index)
 
     def evaluate(
-        self, ids: list[Ids], log_q: Tensor | None = None, batch: int | None = None
+        self,
+        ids: list[Ids],
+        log_q: Tensor | None = None,
+        batch: int | None = None,
+        batch_size: int | None = None,
     ) -> Draw:
         """Log p̃ (and log q) of given sequences; ``log_q`` is reused when the caller has it.
-        ``batch`` tags the records streamed to the sink with the batch they belong to."""
+        ``batch`` tags the records streamed to the sink with the batch they belong to;
+        ``batch_size`` is the scoring batch (the model's default when None)."""
         if log_q is None:
             log_q = self.proposal.score(ids, prompt=self.base.prompt)
         base_lp = log_q if self.proposal is self.lm else None
-        density = self.model.log_density(ids, base_log_probs=base_lp)
+        sizes = {} if batch_size is None else {"batch_size": batch_size}
+        density = self.model.log_density(ids, base_log_probs=base_lp, **sizes)
         draw = Draw(ids, log_q.double(), density)
         if self.sink is not None:
             write_jsonl(draw, self.sink, batch=batch)
@@ -183,10 +189,10 @@ def write_jsonl(draw: Draw, stream: IO[str], batch: int | None = None) -> None:
         record = {
             "text": draw.texts[i],
             "ids": ids,
-            "log_q": _finite(draw.log_q[i]),
-            "log_p": _finite(draw.density.log_p[i]),
-            "log_w": _finite(draw.log_w[i]),
-            "terms": {k: _finite(v[i]) for k, v in draw.density.terms.items()},
+            "log_q": json_float(draw.log_q[i]),
+            "log_p": json_float(draw.density.log_p[i]),
+            "log_w": json_float(draw.log_w[i]),
+            "terms": {k: json_float(v[i]) for k, v in draw.density.terms.items()},
             "rewards": {k: float(v[i]) for k, v in draw.density.rewards.items()},
             "constraints": {k: bool(v[i]) for k, v in draw.density.constraints.items()},
         }
@@ -197,7 +203,7 @@ def write_jsonl(draw: Draw, stream: IO[str], batch: int | None = None) -> None:
     stream.flush()
 
 
-def _finite(value: Tensor) -> float | None:
-    """A float for JSON (−inf becomes None: JSON has no infinities)."""
+def json_float(value: Tensor | float) -> float | None:
+    """A float for JSON (non-finite becomes None: JSON has no infinities or NaN)."""
     v = float(value)
     return v if math.isfinite(v) else None

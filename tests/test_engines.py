@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from scipy.stats import chi2
+from stats import Z_SIGMAS, chi_square
 from torch import Tensor
 
 import kldsl as kl
@@ -34,9 +34,6 @@ from kldsl.errors import (
 )
 from kldsl.target import Target
 
-Z_SIGMAS = 4.0  # |estimate − exact| < Z_SIGMAS · standard error (two-sided p ≈ 6e-5)
-FAILURE_RATE = 1e-3  # false-alarm budget of each chi-square test
-MIN_EXPECTED = 5.0  # chi-square cells expecting fewer samples are pooled into one
 EXACT_TOL = 1e-9  # enumeration against enumeration: float rounding only
 BIG_BATCH = 1000  # sampling batch for speed where batching is not what is tested
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -161,25 +158,6 @@ ALL_CASES = ["soft", "hard", "soft_hard", "product", "tempered"]
 # --- statistical helpers --------------------------------------------------------------------
 
 
-def chi_square(samples: list[list[int]], probs: dict[Key, float]) -> tuple[float, float]:
-    """(statistic, 1 − FAILURE_RATE quantile) of the samples' fit to ``probs``."""
-    n = len(samples)
-    counts = Counter(tuple(s) for s in samples)
-    outside = [k for k in counts if probs.get(k, 0.0) <= 0.0]
-    assert not outside, f"samples outside the posterior's support: {outside[:5]}"
-    big = [k for k, p in probs.items() if n * p >= MIN_EXPECTED]
-    cells = [(counts.get(k, 0), n * probs[k]) for k in big]
-    rest_obs = n - sum(o for o, _ in cells)
-    rest_exp = n - sum(e for _, e in cells)
-    if rest_exp >= MIN_EXPECTED:
-        cells.append((rest_obs, rest_exp))
-    else:  # too small to stand alone: fold it into the smallest cell
-        i = min(range(len(cells)), key=lambda j: cells[j][1])
-        cells[i] = (cells[i][0] + rest_obs, cells[i][1] + rest_exp)
-    stat = sum((o - e) ** 2 / e for o, e in cells)
-    return stat, float(chi2.ppf(1 - FAILURE_RATE, len(cells) - 1))
-
-
 def tv_to(samples: list[list[int]], probs: dict[Key, float]) -> float:
     """Total variation between the samples' empirical distribution and ``probs``."""
     n = len(samples)
@@ -250,7 +228,7 @@ def test_exact_matches_brute_force(name):
 
 
 def test_exact_pure_constraint_kl_is_minus_log_z():
-    """The ruler of DESIGN.md: for p* = a | c, KL(p*‖a) = −log Z = −log P_a(c)."""
+    """The ruler: for p* = a | c, KL(p*‖a) = −log Z = −log P_a(c)."""
     case = make_case("hard")
     s = kl.infer(case.model, engine="exact")
     assert s.divergences["KL(p*‖a)"] == pytest.approx(-case.log_z, abs=EXACT_TOL)
@@ -774,3 +752,16 @@ def test_samples_repr_and_html():
     assert html.escape(str(case.model)) in page and '"bb"' not in page
     assert "<table>" in page and "log Z" in page
     assert page.count("<li>") == 5
+
+
+def test_exact_writes_its_enumeration_to_out_and_refuses_a_proposal(tmp_path):
+    model = kl.prior(kl.ToyLM(vocab="ab"), max_tokens=3) | kl.contains("a")
+    path = tmp_path / "exact.jsonl"
+    s = kl.infer(model, engine="exact", out=path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["ids"] for r in records] == s.ids and len(records) == s.info["support"]
+    assert [r["log_p"] for r in records] == [
+        None if not math.isfinite(v) else v for v in s.log_p.tolist()
+    ]
+    with pytest.raises(KldslError, match="takes no proposal="):
+        kl.infer(model, engine="exact", proposal=kl.ToyLM(vocab="ab", seed=3))

@@ -98,6 +98,11 @@ def test_log_density_uses_given_base_log_probs_and_batches(toy):
     d1 = m.log_density(batch.ids, base_log_probs=batch.log_probs, batch_size=3)
     d2 = m.log_density(batch.ids)
     assert torch.allclose(d1.log_p, d2.log_p)
+    # deliberately different base log-probs are the ones used, not the LM's own scores
+    other = batch.log_probs - torch.arange(10, dtype=batch.log_probs.dtype)
+    d3 = m.log_density(batch.ids, base_log_probs=other, batch_size=3)
+    assert torch.allclose(d3.terms["log a"], other.double())
+    assert torch.allclose(d3.log_p - d2.log_p, (other - batch.log_probs).double())
 
 
 def test_product_of_experts_and_tempering(toy):

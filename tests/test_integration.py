@@ -17,7 +17,10 @@ PROMPT = "My neighbour told me that"
 def test_importance_on_the_flagship_model(smollm2):
     model = kl.prior(smollm2, prompt=PROMPT, max_tokens=12) * kl.exp(kl.sentiment / 0.2) | ~kl.curse
     s = kl.infer(model, engine="importance", n=8, seed=0)
-    assert len(s) == 8 and math.isfinite(s.log_z) and 1 <= s.ess <= 8
+    assert len(s) == 8 and math.isfinite(s.log_z)
+    # the ESS is the one of these weights: (Σw)² / Σw² over the normalised weights
+    w = s.weights
+    assert s.ess == pytest.approx(float(1 / (w**2).sum()), rel=1e-9)
     # proposal = prior: each log-weight is r/β on allowed texts and −inf on cursing ones
     allowed = s.constraints["not curse"]
     expected = torch.where(allowed, s.rewards["sentiment"] / 0.2, -math.inf)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from kldsl.backends import mcmc
-from scipy.stats import chi2
+from stats import chi_square
 
 import kldsl as kl
 from kldsl.errors import KldslError, KldslInferenceError
@@ -25,8 +24,6 @@ from kldsl.target import Target
 from kldsl.weights import normalize
 
 EXACT_TOL = 1e-12  # detailed balance from enumeration: float rounding only
-FAILURE_RATE = 1e-3  # false-alarm budget of each chi-square test
-MIN_EXPECTED = 5.0  # chi-square cells expecting fewer (effective) samples are pooled
 LONG_RUN_N = 2000  # samples of each long run
 LONG_RUN_CHAINS = 16
 
@@ -123,20 +120,6 @@ def test_continuations_respect_max_tokens_and_score():
     )
 
 
-def _chi_square_p_value(samples: kl.Samples, exact: kl.Samples, n_eff: float) -> float:
-    """Goodness of fit of the sample frequencies to the exact posterior, at size ``n_eff``."""
-    p = {tuple(x): float(w) for x, w in zip(exact.ids, exact.weights)}
-    counts = Counter(tuple(x) for x in samples.ids)
-    assert set(counts) <= {k for k, v in p.items() if v > 0}
-    big = [k for k, v in p.items() if n_eff * v >= MIN_EXPECTED]
-    cells = [[k] for k in big] + [[k for k in p if k not in big]]
-    cells = [c for c in cells if sum(p[k] for k in c) > 0]
-    observed = [sum(counts[k] for k in c) / len(samples) for c in cells]
-    expected = [sum(p[k] for k in c) for c in cells]
-    stat = n_eff * sum((o - e) ** 2 / e for o, e in zip(observed, expected))
-    return float(chi2.sf(stat, len(cells) - 1))
-
-
 # R-hat of a finite run is itself noisy; here the chi-square test is the judge
 @pytest.mark.filterwarnings("ignore:MCMC chains have not mixed")
 @pytest.mark.parametrize(("kind", "proposal"), [("soft", None), ("hard", None), ("mixed", OTHER)])
@@ -147,14 +130,17 @@ def test_long_run_matches_the_exact_posterior(kind, proposal):
         model, engine="mcmc", n=LONG_RUN_N, chains=LONG_RUN_CHAINS, seed=0, proposal=proposal
     )
     assert len(s) == LONG_RUN_N and s.engine == "mcmc"
-    assert s.info["chain"] == [
+    assert s.columns["chain"] == [
         c for c in range(LONG_RUN_CHAINS) for _ in range(LONG_RUN_N // LONG_RUN_CHAINS)
     ]
     assert set(s.info["acceptance"]) == {"independent", "local"}
     assert all(0 < r < 1 for r in s.info["acceptance"].values())
-    n_eff = min(v for v in s.info["ess"].values() if not math.isnan(v))
+    n_eff = min(v for v in s.diagnostics["ess"].values() if not math.isnan(v))
     assert 20 < n_eff <= LONG_RUN_N * 1.5
-    assert _chi_square_p_value(s, exact, n_eff) > FAILURE_RATE
+    # goodness of fit of the sample frequencies to the exact posterior, at size n_eff
+    p = {tuple(x): float(w) for x, w in zip(exact.ids, exact.weights)}
+    stat, limit = chi_square(s.ids, p, n=n_eff)
+    assert stat < limit
     # log Z: the importance estimate from the sequences drawn whole from q
     assert abs(s.log_z - exact.log_z) < 4 * s.log_z_se
     for satisfied in s.constraints.values():
@@ -168,8 +154,8 @@ def test_r_hat_warns_when_chains_do_not_mix():
     far = kl.ToyLM(vocab="ab", seed=5, eos_bias=3.0, name="far")
     with pytest.warns(UserWarning, match="R-hat"):
         s = kl.infer(sharp, engine="mcmc", n=16, chains=4, burn_in=0, proposal=far, seed=0)
-    assert max(s.info["r_hat"].values()) > mcmc.R_HAT_WARN
-    assert s.divergences["split R-hat (max)"] > mcmc.R_HAT_WARN
+    assert max(s.diagnostics["r_hat"].values()) > mcmc.R_HAT_WARN
+    assert s.diagnostics["split R-hat (max)"] > mcmc.R_HAT_WARN
 
 
 def test_no_support_is_a_clear_error():
@@ -185,10 +171,10 @@ def test_options_rounding_and_reproducibility(tmp_path):
     a = kl.infer(model, engine="mcmc", n=10, chains=4, burn_in=3, thin=2, moves="local", seed=1)
     b = kl.infer(model, engine="mcmc", n=10, chains=4, burn_in=3, thin=2, moves="local", seed=1)
     assert len(a) == 12 and a.ids == b.ids  # n rounds up to a multiple of chains
-    assert a.info["step"][:3] == [4, 6, 8] and a.info["chain"][:4] == [0, 0, 0, 1]
+    assert a.columns["step"][:3] == [4, 6, 8] and a.columns["chain"][:4] == [0, 0, 0, 1]
     assert set(a.info["acceptance"]) == {"local"}
     assert a.n_proposed >= 4 + 4 * (3 + 2 * 3)
-    assert a.info["traces"]["log p̃"].shape == (4, 3)
+    assert a.diagnostics["traces"]["log p̃"].shape == (4, 3)
     assert "chain" in a.to_pandas().columns
     assert a.plot(tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
     assert "mcmc" in kl.engines()

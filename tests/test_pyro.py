@@ -5,11 +5,11 @@ import math
 import pyro
 import pytest
 import torch
+from stats import Z_SIGMAS
 
 import kldsl as kl
 from kldsl.pyro_bridge import elbo_by_enumeration, pyro_guide, to_pyro
 
-Z_SIGMAS = 4.0  # |log Ẑ − log Z| must stay within this many reported standard errors
 EXACT_TOL = 1e-9
 MAX_TOKENS = 3
 
@@ -129,3 +129,23 @@ def test_guide_samples_the_same_site_from_its_lm():
     assert value.shape == (6, MAX_TOKENS)
     lp = trace.nodes["x"]["fn"].log_prob(value)
     assert lp.requires_grad
+
+
+def test_penalty_runs_the_softened_graph_one_factor_per_term():
+    """to_pyro(penalty=) is to_pyro(soften(model, penalty)): only constraints are softened."""
+    from kldsl.transforms import soften
+
+    model = kl.prior(PRIOR, max_tokens=3) ** 2.0 * kl.exp(n_a / 0.5) | ~kl.contains("bb")
+    soft = soften(model, 10.0)
+    trace = pyro.poutine.trace(to_pyro(model, penalty=10.0)).get_trace()
+    sites = [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+    assert sites == ["x", "log a^2.0", "n_a / 0.5", 'indicator(contains("bb")) * -10.0']
+    every = PRIOR.enumerate(3)
+    d = soft.log_density(every.ids)
+    dist = to_pyro(model, penalty=10.0)
+    pad = trace.nodes["x"]["fn"].pad
+    for i in range(0, len(every.ids), 3):
+        data = {"x": pad([every.ids[i]])[0]}
+        joint = pyro.poutine.trace(pyro.poutine.condition(dist, data)).get_trace()
+        assert float(joint.log_prob_sum()) == pytest.approx(float(d.log_p[i]), abs=EXACT_TOL)
+    assert torch.isfinite(d.log_p).all()

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from test_variational import Unigram
 from tiny_hf import tiny_hf
 
 import kldsl as kl
@@ -69,22 +70,6 @@ def test_an_hf_folder_with_pickled_weights_is_not_read(tmp_path):
 
 
 def test_a_custom_module_lm_is_saved_as_safetensors_and_loads_only_into_an_instance(tmp_path):
-    class Unigram(torch.nn.Module, kl.LM):
-        name, vocab_size, eos_id = "unigram", 3, 0
-
-        def __init__(self):
-            super().__init__()
-            self.logits = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-
-        def encode(self, text):
-            return [int(c) for c in text]
-
-        def decode(self, ids):
-            return "".join(str(i) for i in ids if i)
-
-        def next_logprobs(self, prefixes):
-            return torch.log_softmax(self.logits, 0).expand(len(prefixes), -1)
-
     lm = Unigram()
     with torch.no_grad():
         lm.logits.copy_(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
