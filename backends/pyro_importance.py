@@ -30,7 +30,7 @@ def run(
     progress: bool | None,
 ) -> Samples:
     pyro.set_rng_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
-    pyro_model = to_pyro(target.model)
+    pyro_model = to_pyro(target.model, lms=target.lms)
     guide = None if target.proposal is target.lm else pyro_guide(target.proposal, target.model)
     with bar(n, "pyro-importance", progress) as pbar, torch.no_grad():
 

@@ -61,7 +61,7 @@ def run(
     module.train()
     pyro.clear_param_store()
     pyro.set_rng_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
-    model = to_pyro(fitted, plate_size=batch_size)
+    model = to_pyro(fitted, plate_size=batch_size, lms=target.lms)
     guide = pyro_guide(
         pi,
         target.model,

@@ -39,7 +39,6 @@ import math
 import statistics
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +48,7 @@ from torch import Tensor
 
 import kldsl as kl
 from benchmarks.common import RESULTS, write
+from kldsl import weights
 from kldsl.errors import KldslInferenceError
 from kldsl.lm import LM, Ids
 
@@ -136,21 +136,6 @@ def targets(lm: LM) -> dict[str, kl.Model]:
 
 
 # --- accuracy of one run ---------------------------------------------------------------------
-def distribution(ids: list[Ids], log_weights: Tensor) -> dict[tuple[int, ...], float]:
-    """Self-normalised weights summed per distinct sequence (equal weights: frequencies)."""
-    w = torch.softmax(log_weights.double(), 0).tolist()
-    out: dict[tuple[int, ...], float] = defaultdict(float)
-    for seq, weight in zip(ids, w):
-        out[tuple(seq)] += weight
-    return out
-
-
-def tv(p: dict[tuple[int, ...], float], q: dict[tuple[int, ...], float]) -> float:
-    """Total variation ½Σ|p − q| over the union of both supports."""
-    keys = p.keys() | q.keys()
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
-
-
 def run_engine(
     model: kl.Model, engine: str, n: int, seed: int, proposal: LM | None
 ) -> kl.Samples | None:
@@ -196,13 +181,12 @@ def measure_run(
     }
     if samples is None:
         return {**row, "failed": True, "log_z_error": None, "tv": None}
-    found = distribution(samples.ids, samples.log_weights)
     return {
         **row,
         "failed": False,
         "log_z": samples.log_z,
         "log_z_error": abs(samples.log_z - log_z) if math.isfinite(samples.log_z) else None,
-        "tv": tv(exact, found),
+        "tv": weights.tv_distance(exact, samples.distribution()),
         "ess": samples.ess,
         **({"chains": samples.info["chains"]} if engine == "mcmc" else {}),
         "samples": len(samples),
@@ -330,7 +314,7 @@ def best_bigram_kl(vocab_size: int, exact: dict[tuple[int, ...], float]) -> floa
 
 def exact_posterior(model: kl.Model) -> tuple[dict[tuple[int, ...], float], float, int]:
     s = kl.infer(model, engine="exact")
-    return distribution(s.ids, s.log_weights), s.log_z, len(s)
+    return s.distribution(), s.log_z, len(s)
 
 
 # --- plot ------------------------------------------------------------------------------------

@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import kldsl as kl
+from kldsl import weights
 
 TARGET = Path(__file__).with_name("toy_target.kl")
 ENGINES = ("importance", "mcmc", "exact")
-
-
-def distribution(samples: kl.Samples) -> dict[tuple[int, ...], float]:
-    """The (weighted) share of each distinct sequence among the samples."""
-    out: dict[tuple[int, ...], float] = defaultdict(float)
-    for ids, w in zip(samples.ids, samples.weights.tolist()):
-        out[tuple(ids)] += w
-    return out
-
-
-def total_variation(p: dict, q: dict) -> float:
-    """½ Σ |p(x) − q(x)| over the union of both supports."""
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
 def main(n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -44,13 +31,13 @@ def main(n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
         runs[name] = kl.infer(model, engine=name, n=n, seed=seed, progress=False)
         seconds[name] = time.perf_counter() - start
-    truth = distribution(runs["exact"])
+    truth = runs["exact"].distribution()
     results: dict[str, dict[str, float]] = {}
     for name, s in runs.items():
         row = {"log Z": s.log_z, "log Z se": s.log_z_se}
         row.update({f"mean {k}": s.reward_mean(k) for k in s.rewards})
         row.update({f"rate {k}": s.constraint_rate(k) for k in s.constraints})
-        row["tv"] = total_variation(distribution(s), truth)
+        row["tv"] = weights.tv_distance(s.distribution(), truth)
         row["samples"] = len(s)
         row["proposals"] = s.n_proposed
         row["seconds"] = seconds[name]

@@ -40,6 +40,7 @@ from kldsl.infer import Engine, engines, get_engine, infer
 from kldsl.lm import LM, SampleBatch, ToyLM
 from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
+from kldsl.registry import resolve
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 from kldsl.transforms import soften, with_prompt
@@ -88,6 +89,7 @@ __all__ = [
     "pyro_guide",
     "regex",
     "reward",
+    "resolve",
     "reward_model",
     "sentiment",
     "soften",

@@ -136,6 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=True,
         resume=args.resume,
         overwrite=args.force,
+        runtime=args.runtime,
         **_engine_options(args, args.engine),
     )
     elapsed = time.perf_counter() - start
@@ -180,7 +181,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.rule(f"[bold]posterior by importance sampling: {args.n} draws from {name}")
     start = time.perf_counter()
     samples = infer(
-        model, engine="importance", n=args.n, seed=args.seed, batch_size=args.n, progress=True
+        model,
+        engine="importance",
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.n,
+        progress=True,
+        runtime=args.runtime,
     )
     elapsed = time.perf_counter() - start
     table = Table(title_justify="left")
@@ -214,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fine-tune an LM toward a .kl model's posterior; ``prior("OUT")`` loads the result."""
+    """Fine-tune an LM toward a .kl model's posterior; ``prior("OUT")`` names the result."""
     from kldsl.infer import infer
     from kldsl.parser import load
 
@@ -246,6 +253,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         progress=True,
         resume=args.resume,
         overwrite=args.overwrite,
+        runtime=args.runtime,
         **options,
     )
     elapsed = time.perf_counter() - start
@@ -292,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of draws (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=4, help="texts to show (default 4)")
+    _add_runtime_flag(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sample", help="sample a model's posterior with an engine")
@@ -316,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", help="write a PNG of weights and rewards here")
     p.add_argument("--show", type=int, default=5, help="best samples to show (default 5)")
+    _add_runtime_flag(p)
     _add_engine_flags(p, fits=False, own=_SAMPLE_OWN, defaults={})
     p.set_defaults(func=cmd_sample)
 
@@ -338,12 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
+    _add_runtime_flag(p)
     _add_engine_flags(p, fits=True, own=_FIT_OWN, defaults=_FIT_DEFAULTS)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("engines", help="list the inference engines")
     p.set_defaults(func=cmd_engines)
     return parser
+
+
+def _add_runtime_flag(p: argparse.ArgumentParser) -> None:
+    from kldsl.registry import RUNTIMES
+
+    p.add_argument(
+        "--runtime",
+        default="hf",
+        help=f"what runs the models named in the file: {', '.join(RUNTIMES)} (default hf)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,8 @@ from kldsl.graph import (
     _prior_symbols,
     shown,
 )
+from kldsl.lm import LM
+from kldsl.registry import lm_of
 
 
 def unknown_node(node: object, where: str) -> KldslTypeError:
@@ -110,7 +112,8 @@ class Batch:
     """The sequences a model is interpreted on, with a memo of what is computed once.
 
     ``memo`` maps each prior node to its log-probs log a(x) [N] (untempered) and each
-    leaf to its values [N]; it is the ``cache`` of the resulting Density.
+    leaf to its values [N]; it is the ``cache`` of the resulting Density. ``lms`` holds the
+    resolved LM of each prior's model (None: resolve names now, see :func:`log_density`).
     """
 
     def __init__(
@@ -120,9 +123,10 @@ class Batch:
         texts: list[str],
         batch_size: int,
         memo: dict[Node, Tensor],
+        lms: Mapping[LM | str, LM] | None = None,
     ):
         self.base, self.sequences, self.texts = base, sequences, texts
-        self.batch_size, self.memo = batch_size, memo
+        self.batch_size, self.memo, self.lms = batch_size, memo, lms
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -130,9 +134,10 @@ class Batch:
     def log_probs(self, prior: Prior) -> Tensor:
         """log-probs of the sequences under ``prior`` (the base's tokens; scored once)."""
         if prior not in self.memo:
+            lm = lm_of(prior, self.lms)
             if prior is not self.base:
-                _check_same_tokenizer(self.base, prior)
-            lp = prior.lm.score(self.sequences, prompt=prior.prompt, batch_size=self.batch_size)
+                _check_same_tokenizer(lm_of(self.base, self.lms), lm)
+            lp = lm.score(self.sequences, prompt=prior.prompt, batch_size=self.batch_size)
             self.memo[prior] = lp.double().cpu()
         return self.memo[prior]
 
@@ -172,12 +177,18 @@ def log_density(
     texts: list[str] | None = None,
     batch_size: int = 64,
     reuse: Density | None = None,
+    lms: Mapping[LM | str, LM] | None = None,
 ) -> Density:
-    """log p̃(x) [N] of ``model`` with its terms (see :meth:`Model.log_density`)."""
+    """log p̃(x) [N] of ``model`` with its terms (see :meth:`Model.log_density`).
+
+    ``lms`` are the LMs of the priors' models, from the caller (a :class:`kldsl.Target`
+    resolves them once); when None, as in a user's direct call, this resolves names now
+    (:func:`kldsl.registry.resolve`).
+    """
     base = model.base()
     factors = factors_of(model)
     if texts is None:
-        texts = reuse.texts if reuse is not None else base.lm.texts(sequences)
+        texts = reuse.texts if reuse is not None else lm_of(base, lms).texts(sequences)
     memo: dict[Node, Tensor] = {}
     if reuse is not None and reuse.cache is not None:
         if len(reuse.texts) != len(sequences):
@@ -188,7 +199,7 @@ def log_density(
         memo.update(reuse.cache)
     if base_log_probs is not None:
         memo[base] = base_log_probs.double().cpu()
-    batch = Batch(base, sequences, texts, batch_size, memo)
+    batch = Batch(base, sequences, texts, batch_size, memo, lms)
     batch.log_probs(base)  # the base first (as a sampler scores it), then the factors
 
     terms: dict[str, Tensor] = {}
@@ -216,9 +227,9 @@ def log_density(
     )
 
 
-def _check_same_tokenizer(base: Prior, other: Prior) -> None:
-    if base.lm.tokenizer_signature() != other.lm.tokenizer_signature():
+def _check_same_tokenizer(base: LM, other: LM) -> None:
+    if base.tokenizer_signature() != other.tokenizer_signature():
         raise KldslTypeError(
-            f"a product of experts needs LMs that share a tokenizer: {base.lm.name} and "
-            f"{other.lm.name} tokenize differently"
+            f"a product of experts needs LMs that share a tokenizer: {base.name} and "
+            f"{other.name} tokenize differently"
         )

@@ -7,32 +7,39 @@ fitted estimates are checked against.
 Example:
     >>> import kldsl as kl
     >>> m = kl.prior(kl.ToyLM(), max_tokens=3) * kl.exp(kl.length / 1.0)
-    >>> exact_divergences(m.base().lm, m)["kl_pi_a"]
+    >>> exact_divergences(kl.resolve(m.base()), m)["kl_pi_a"]
     0.0
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from kldsl.graph import Model
 from kldsl.lm import LM
+from kldsl.registry import lm_of, resolve_all
 
 _LOG2 = math.log(2.0)
 
 
-def exact_divergences(lm: LM, model: Model, limit: int = 200_000) -> dict[str, float]:
+def exact_divergences(
+    lm: LM, model: Model, limit: int = 200_000, lms: Mapping[LM | str, LM] | None = None
+) -> dict[str, float]:
     """KL(π‖p*), KL(p*‖π), JS(π, p*), KL(π‖a), entropy per token and log Z of an enumerable
-    LM π against ``model``'s posterior, by enumerating every sequence."""
+    LM π against ``model``'s posterior, by enumerating every sequence. ``lms`` are the
+    priors' LMs (e.g. :attr:`kldsl.Target.lms`); without them names resolve now."""
     base = model.base()
+    if lms is None:
+        lms = resolve_all(model.priors())
     every = lm.enumerate(base.max_tokens, prompt=base.prompt, limit=limit)
     log_pi = every.log_probs
-    density = model.log_density(every.ids, batch_size=4096)
+    density = model.log_density(every.ids, batch_size=4096, lms=lms)
     log_z = torch.logsumexp(density.log_p, 0)
     log_post = density.log_p - log_z
-    log_a = base.lm.score(every.ids, prompt=base.prompt)
+    log_a = lm_of(base, lms).score(every.ids, prompt=base.prompt)
     pi, post = log_pi.exp(), log_post.exp()
     support = post > 0
     if bool(((~support) & (pi > 0)).any()):

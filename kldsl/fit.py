@@ -2,13 +2,14 @@
 
 ``fit.model`` is an ordinary :class:`kldsl.LM`, usable as a prior or as a proposal;
 ``fit.history`` holds one dict of metrics per step; ``fit.save(folder)`` writes both and
-``kl.prior(folder)`` (or :func:`load_model`) loads the LM back.
+``kl.resolve(folder)`` (or :func:`load_model`) loads the LM back (``kl.prior(folder)``
+names it as a prior, loaded when inference resolves it).
 
 Example::
 
     fit = kl.infer(posterior, engine="variational", steps=100, lr=0.05)
     fit.save("runs/toy")
-    kl.infer(posterior, engine="importance", proposal=kl.prior("runs/toy").lm)
+    kl.infer(posterior, engine="importance", proposal=kl.resolve("runs/toy"))
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 
 from kldsl.errors import KldslModelLoadError
 from kldsl.graph import Model
-from kldsl.lm import LM, ToyLM
+from kldsl.lm import LM, ToyLM, torch_module
+from kldsl.target import json_float
 
 FORMAT = "kldsl-fit"
 VERSION = 1
@@ -194,7 +196,7 @@ def save_model(lm: LM, folder: Path) -> str:
             merged.save_pretrained(str(d))
             lm.tokenizer.save_pretrained(str(d))
 
-    elif isinstance(lm, torch.nn.Module):
+    elif torch_module(lm) is lm:
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in lm.state_dict().items()}
@@ -362,7 +364,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return json_float(value)
     if isinstance(value, str | int | bool) or value is None:
         return value
     return str(value)

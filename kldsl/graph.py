@@ -22,7 +22,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -629,8 +629,13 @@ class Model(Node):
         texts: list[str] | None = None,
         batch_size: int = 64,
         reuse: Density | None = None,
+        lms: Mapping[LM | str, LM] | None = None,
     ) -> Density:
         """log p̃(x) [N] with a per-factor breakdown, in batches of ``batch_size``.
+
+        ``lms`` holds the LM of each model the priors name (:attr:`kldsl.Target.lms`, which
+        an engine passes, so evaluating loads nothing); without it, a user's call resolves
+        names now (:func:`kldsl.registry.resolve`).
 
         ``base_log_probs`` are log a(x) of the base prior when the caller has them from
         the passes that sampled the sequences (so nothing is scored twice); ``reuse`` is a
@@ -647,6 +652,7 @@ class Model(Node):
             texts=texts,
             batch_size=batch_size,
             reuse=reuse,
+            lms=lms,
         )
 
     def explain(self) -> str:
@@ -717,13 +723,24 @@ class Density:
 
 @dataclass(frozen=True)
 class Prior(Model):
-    """The prior LM a(x): sequences after ``prompt``, at most ``max_tokens`` tokens."""
+    """The prior LM a(x): sequences after ``prompt``, at most ``max_tokens`` tokens.
 
-    model: LM | str  # an LM object, or a name resolved by kldsl.models.load_lm
+    A prior only names its model: nothing is loaded until inference resolves it
+    (:func:`kldsl.registry.resolve`). ``label`` is how the model prints when it is not
+    its own name: the ``env`` name the parser found an LM under, so the text parses back
+    (with the same ``env``) to an equal prior; it takes no part in equality.
+    """
+
+    model: LM | str  # an LM object, or a name that kldsl.registry.resolve resolves
     prompt: str = ""
     max_tokens: int = 32
+    label: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.label is not None and (not isinstance(self.label, str) or not self.label):
+            raise KldslTypeError(
+                f"a prior's label must be a non-empty string, got {shown(self.label)}"
+            )
         if not isinstance(self.model, LM | str):
             raise KldslTypeError(
                 f'prior() takes an LM or a model name such as "smollm2"; got {shown(self.model)}'
@@ -745,15 +762,6 @@ class Prior(Model):
                 "a prompt must be valid Unicode text"
             )
 
-    @property
-    def lm(self) -> LM:
-        """The LM itself (a named model is loaded on first use and cached)."""
-        if isinstance(self.model, LM):
-            return self.model
-        from kldsl.models import load_lm
-
-        return load_lm(self.model)
-
     def __pow__(self, alpha: Number) -> Power:
         a = _scalar(alpha, "a prior is tempered by a number: `prior(...) ** 0.5`")
         if a <= 0:
@@ -761,7 +769,9 @@ class Prior(Model):
         return Power(self, a)
 
     def _fmt(self) -> tuple[str, int]:
-        if isinstance(self.model, LM):
+        if self.label is not None:
+            head = _name_text(self.label)
+        elif isinstance(self.model, LM):
             head = _name_text(self.model.name)
         else:
             from kldsl.models import EMBEDDED

@@ -26,6 +26,7 @@ from kldsl import budget
 from kldsl.errors import KldslError, KldslNameError
 from kldsl.graph import Model
 from kldsl.lm import LM, make_generator
+from kldsl.registry import check_runtime, resolve
 from kldsl.sink import Sink
 from kldsl.target import Target
 
@@ -166,6 +167,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
+    runtime: str = ...,
     **options: Any,
 ) -> Samples: ...
 
@@ -182,6 +184,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
+    runtime: str = ...,
     **options: Any,
 ) -> Fit: ...
 
@@ -198,6 +201,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
+    runtime: str = ...,
     **options: Any,
 ) -> Samples | Fit: ...
 
@@ -213,6 +217,7 @@ def infer(
     progress: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    runtime: str = "hf",
     **options: Any,
 ) -> Samples | Fit:
     """Approximate the posterior of ``model`` with ``engine``.
@@ -220,6 +225,11 @@ def infer(
     Returns a :class:`kldsl.Samples` from a sampling engine and a :class:`kldsl.Fit` (a
     fine-tuned LM) from a fitting engine (``variational``, ``pyro-svi``; see
     :attr:`Engine.fits`).
+
+    Every prior's model name resolves to an LM here, on ``runtime`` (``"hf"``, Hugging Face
+    transformers; :func:`kldsl.registry.resolve`): building or printing a model loads
+    nothing, and a name that cannot be loaded fails here with a
+    :class:`kldsl.KldslModelLoadError`.
 
     ``proposal`` is any LM (or a model name / folder) to draw from instead of the prior;
     ``out`` streams every draw to a JSON-lines file as it is made, so a failure later
@@ -242,6 +252,7 @@ def infer(
         raise KldslError(f"n must be a positive number of samples, got {n!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise KldslError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_runtime(runtime)
     chosen = get_engine(engine)
     unknown = set(options) - set(chosen.options())
     if unknown:
@@ -289,10 +300,8 @@ def infer(
     ok = False
     try:
         if isinstance(proposal, str | Path):
-            from kldsl.models import load_lm
-
-            proposal = load_lm(str(proposal))
-        target = Target(model, proposal, sink=sink)
+            proposal = resolve(str(proposal), runtime)
+        target = Target(model, proposal, sink=sink, runtime=runtime)
         if chosen.batched:
             budget.check_batch(target, batch_size, n)
         result = chosen.run(

@@ -343,6 +343,20 @@ class LM:
         return SampleBatch(done_ids, torch.tensor(done_lp, dtype=torch.float64))
 
 
+def torch_module(lm: LM) -> torch.nn.Module | None:
+    """The torch module holding an LM's weights: the LM itself (like :class:`ToyLM`), its
+    ``.model`` (like ``HFLM``), or None for an LM with no torch weights.
+
+    Example:
+        >>> torch_module(ToyLM()) is not None
+        True
+    """
+    if isinstance(lm, torch.nn.Module):
+        return lm
+    inner = getattr(lm, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else None
+
+
 class ToyLM(torch.nn.Module, LM):
     """A small-vocabulary bigram LM whose every sequence can be enumerated.
 

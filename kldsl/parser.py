@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -426,11 +427,13 @@ class _Evaluator(Transformer_NonRecursive):
                 )
                 raise self._located(err, meta)
             raise self._located(KldslNameError(name, FACTORIES, what="function"), meta)
+        label = None
         if name == "prior":
-            args, kwargs = self._env_lm(args, kwargs)
+            args, kwargs, label = self._env_lm(args, kwargs)
         fn = FACTORIES[name]
         try:
-            return fn(*args, **kwargs)
+            value = fn(*args, **kwargs)
+            return value if label is None else dataclasses.replace(value, label=label)
         except TypeError as err:
             if isinstance(err, KldslError):
                 raise self._located(err, meta) from None
@@ -439,16 +442,25 @@ class _Evaluator(Transformer_NonRecursive):
         except KldslError as err:
             raise self._located(err, meta) from None
 
-    def _env_lm(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict]:
+    def _env_lm(
+        self, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict, str | None]:
         """``prior("name")`` with an LM ``env["name"]``: that LM (how a non-identifier LM
-        name prints)."""
+        name prints). Also the env name of an LM argument, the prior's printing label, so
+        it prints under the name it has in ``env`` and parses back with the same env."""
         model = args[0] if args else kwargs.get("model")
         if isinstance(model, str) and isinstance(self.env.get(model), LM):
+            label: str | None = model
             if args:
                 args = [self.env[model], *args[1:]]
             else:
                 kwargs = {**kwargs, "model": self.env[model]}
-        return args, kwargs
+        elif isinstance(model, LM):
+            names = [k for k, v in self.env.items() if v is model]
+            label = model.name if model.name in names else next(iter(names), None)
+        else:
+            label = None
+        return args, kwargs, label
 
     def arguments(self, meta: Any, children: list[Any]) -> Tree:
         return Tree("arguments", children)

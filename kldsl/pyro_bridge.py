@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -31,7 +31,8 @@ from pyro.ops.provenance import get_provenance, track_provenance
 from torch import Tensor
 
 from kldsl.graph import Model, Prior
-from kldsl.lm import LM, Ids, make_generator
+from kldsl.lm import LM, Ids, make_generator, torch_module
+from kldsl.registry import lm_of, resolve_all
 from kldsl.transforms import soften
 
 
@@ -135,36 +136,47 @@ def unpad(value: Tensor, eos_id: int) -> list[Ids]:
 
 
 def to_pyro(
-    model: Model, *, penalty: float | None = None, plate_size: int | None = None
+    model: Model,
+    *,
+    penalty: float | None = None,
+    plate_size: int | None = None,
+    lms: Mapping[LM | str, LM] | None = None,
 ) -> Callable[[], Tensor]:
     """A Pyro model for ``model``: the prior LM as site ``"x"`` and one factor per factor.
 
     ``penalty=None`` keeps hard constraints exact (log 1[c] ∈ {0, −∞}); a number runs
     ``soften(model, penalty)`` instead, whose violated constraints cost −penalty (what
     score-function SVI needs: a −∞ factor makes the ELBO −∞ and its gradient NaN). ``plate_size`` draws that many sequences at once inside a plate
-    ``"samples"``.
+    ``"samples"``. ``lms`` are the priors' LMs (an engine passes :attr:`kldsl.Target.lms`);
+    without them this resolves names now (:func:`kldsl.registry.resolve`).
     """
     model.check()
     if penalty is not None:
         model = soften(model, penalty)
     base = model.base()
-    lm = base.lm
-    prior_dist = SequenceDistribution(lm, base.prompt, base.max_tokens)
+    if lms is None:
+        lms = resolve_all(model.priors())
+    prior_dist = SequenceDistribution(lm_of(base, lms), base.prompt, base.max_tokens)
 
     def pyro_model() -> Tensor:
         if plate_size is None:
-            return _body(model, prior_dist, batch=())
+            return _body(model, prior_dist, lms, batch=())
         with pyro.plate("samples", plate_size):
-            return _body(model, prior_dist, batch=(plate_size,))
+            return _body(model, prior_dist, lms, batch=(plate_size,))
 
     return pyro_model
 
 
-def _body(model: Model, prior_dist: SequenceDistribution, batch: tuple[int, ...]) -> Tensor:
+def _body(
+    model: Model,
+    prior_dist: SequenceDistribution,
+    lms: Mapping[LM | str, LM],
+    batch: tuple[int, ...],
+) -> Tensor:
     x = pyro.sample("x", prior_dist.expand(batch) if batch else prior_dist)
     seqs = prior_dist.unpad(x)
     log_a = torch.as_tensor(prior_dist.log_prob(x.reshape(-1, prior_dist.max_tokens))).reshape(-1)
-    density = model.log_density(seqs, base_log_probs=log_a)
+    density = model.log_density(seqs, base_log_probs=log_a, lms=lms)
     for term in density.term_list:
         value = term.values
         if term.kind == "prior":  # the sample site "x" carries log a(x)
@@ -186,11 +198,11 @@ def pyro_guide(
     """
     base = model.check().base()
     guide_dist = SequenceDistribution(lm, base.prompt, base.max_tokens, grad=True)
-    module = lm if isinstance(lm, torch.nn.Module) else getattr(lm, "model", None)
+    module = torch_module(lm)
     infer = {"baseline": baseline} if baseline else {}
 
     def guide() -> Tensor:
-        if isinstance(module, torch.nn.Module):
+        if module is not None:
             pyro.module("guide_lm", module)
         if plate_size is None:
             return pyro.sample("x", guide_dist, infer=infer)

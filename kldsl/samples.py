@@ -163,6 +163,15 @@ class Samples:
             info={**self.info, "resampled_from": len(self)},
         )
 
+    def distribution(self) -> dict[tuple[int, ...], float]:
+        """The target's weight of each distinct sequence (self-normalised; with equal
+        weights, the frequencies): compare it with an exact posterior by
+        :func:`kldsl.weights.tv_distance`."""
+        out: dict[tuple[int, ...], float] = {}
+        for ids, w in zip(self.ids, self.weights.tolist()):
+            out[tuple(ids)] = out.get(tuple(ids), 0.0) + w
+        return out
+
     def best(self, k: int = 5) -> list[int]:
         """Indices of the ``k`` distinct texts with the highest weight (then log p̃)."""
         order = sorted(

@@ -24,6 +24,7 @@ from torch import Tensor
 from kldsl.errors import KldslInferenceError
 from kldsl.graph import Density, Model
 from kldsl.lm import LM, Ids
+from kldsl.registry import check_runtime, resolve_all
 
 
 @dataclass
@@ -100,15 +101,26 @@ class BatchSeeds:
 class Target:
     """A model compiled for inference: its base prior, a proposal LM and log-weights.
 
-    The proposal defaults to the base prior's LM, in which case log a(x) comes from the
-    very passes that sampled x (no second scoring pass). Every prior's prompt and
+    Every prior of the model (base, experts, tempered) is resolved to an LM here, once, on
+    ``runtime`` (:func:`kldsl.registry.resolve`): :attr:`lms` holds them by the model each
+    prior names and goes to the density interpreter, so evaluating loads nothing. The
+    proposal defaults to the base prior's LM, in which case log a(x) comes from the very
+    passes that sampled x (no second scoring pass). Every prior's prompt and
     ``max_tokens`` are checked against its LM's context length here, before anything runs.
     """
 
-    def __init__(self, model: Model, proposal: LM | None = None, sink: IO[str] | None = None):
+    def __init__(
+        self,
+        model: Model,
+        proposal: LM | None = None,
+        sink: IO[str] | None = None,
+        runtime: str = "hf",
+    ):
         self.model = model.check()
         self.base = model.base()
-        self.lm = self.base.lm
+        self.runtime = check_runtime(runtime)
+        self.lms = resolve_all(self.model.priors(), runtime)
+        self.lm = self.lms[self.base.model]
         self.proposal = proposal if proposal is not None else self.lm
         self.sink = sink  # a text stream that receives every draw as JSON lines
         if (
@@ -121,7 +133,7 @@ class Target:
                 "the prior itself, or use a model of the same family)"
             )
         for prior in self.model.priors():
-            prior.lm.check_context(prior.prompt, prior.max_tokens)
+            self.lms[prior.model].check_context(prior.prompt, prior.max_tokens)
         if self.proposal is not self.lm:
             self.proposal.check_context(self.base.prompt, self.max_tokens)
 
@@ -164,7 +176,7 @@ class Target:
             log_q = self.proposal.score(ids, prompt=self.base.prompt)
         base_lp = log_q if self.proposal is self.lm else None
         sizes = {} if batch_size is None else {"batch_size": batch_size}
-        density = self.model.log_density(ids, base_log_probs=base_lp, **sizes)
+        density = self.model.log_density(ids, base_log_probs=base_lp, lms=self.lms, **sizes)
         draw = Draw(ids, log_q.double(), density)
         if self.sink is not None:
             write_jsonl(draw, self.sink, batch=batch)

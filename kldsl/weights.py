@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,9 +73,11 @@ def kl_p_q(log_w: Tensor) -> float:
     return float(terms.sum() / n)
 
 
-def tv_distance(log_p: Tensor, log_q: Tensor) -> float:
-    """Total variation ½Σ|p − q| between two normalised distributions on the same support."""
-    return float(0.5 * (log_p.exp() - log_q.exp()).abs().sum())
+def tv_distance(p: Mapping[Any, float], q: Mapping[Any, float]) -> float:
+    """Total variation ½Σ|p(x) − q(x)| between two distributions given as
+    ``{outcome: probability}``, over the union of their supports (e.g. an exact posterior
+    and :meth:`kldsl.Samples.distribution`)."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in p.keys() | q.keys())
 
 
 def resample(

@@ -17,7 +17,6 @@ import html
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +25,7 @@ from stats import Z_SIGMAS, chi_square
 from torch import Tensor
 
 import kldsl as kl
+from kldsl import weights
 from kldsl.errors import (
     KldslError,
     KldslInferenceError,
@@ -156,14 +156,6 @@ ALL_CASES = ["soft", "hard", "soft_hard", "product", "tempered"]
 
 
 # --- statistical helpers --------------------------------------------------------------------
-
-
-def tv_to(samples: list[list[int]], probs: dict[Key, float]) -> float:
-    """Total variation between the samples' empirical distribution and ``probs``."""
-    n = len(samples)
-    counts = Counter(tuple(s) for s in samples)
-    keys = set(probs) | set(counts)
-    return 0.5 * sum(abs(counts.get(k, 0) / n - probs.get(k, 0.0)) for k in keys)
 
 
 def q_sd(q: Tensor, psi: Tensor) -> float:
@@ -333,7 +325,7 @@ def test_importance_resampled_tv_falls_with_n():
         tvs = []
         for seed in seeds:
             s = kl.infer(case.model, engine="importance", n=n, seed=seed, batch_size=BIG_BATCH)
-            tvs.append(tv_to(s.resample(n, seed=seed).ids, probs))
+            tvs.append(weights.tv_distance(s.resample(n, seed=seed).distribution(), probs))
         return sum(tvs) / len(tvs)
 
     small, large = mean_tv(200), mean_tv(4000)
@@ -457,7 +449,7 @@ def test_qrs_samples_tv_falls_with_n():
             s = kl.infer(
                 case.model, engine="qrs", n=n, seed=seed, batch_size=BIG_BATCH, qrs_beta=beta
             )
-            tvs.append(tv_to(s.ids, probs))
+            tvs.append(weights.tv_distance(s.distribution(), probs))
         return sum(tvs) / len(tvs)
 
     small, large = mean_tv(100), mean_tv(2000)

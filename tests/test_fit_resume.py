@@ -5,6 +5,7 @@ uninterrupted run's weights bit for bit."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -348,3 +349,17 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
         lines = (out / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
     assert interrupted >= TRIALS - 1  # the kills did land while the run was training
+
+
+def test_state_json_round_trips_through_state(tmp_path):
+    from kldsl.backends.variational_state import SETTINGS, State
+
+    fit(tmp_path / "run")
+    data = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-0000003" / "state.json").read_text()
+    )
+    state = State.from_json(data)
+    assert state.step == 3 and len(state.history) == 3
+    assert set(SETTINGS) <= set(data)
+    assert state.to_json() == data
+    assert state.log_z(0) == data["log_w_sum"][0] - math.log(data["count"][0])

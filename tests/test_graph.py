@@ -247,3 +247,64 @@ def test_messages_quote_values_cut_short(toy):
     with pytest.raises(KldslTypeError, match="has no prior") as info:
         wide.check()
     assert len(str(info.value)) < 400
+
+
+def _no_loading(name):
+    raise AssertionError(f"{name!r} was loaded")
+
+
+def test_a_named_prior_loads_nothing_until_inference(monkeypatch):
+    monkeypatch.setattr("kldsl.models.load_lm", _no_loading)
+    m = kl.prior("kldsl-tests/no-such-model", max_tokens=3) * kl.exp(kl.length / 1.0)
+    m = m | ~kl.contains("a")
+    text = str(m)
+    assert text.startswith('prior("kldsl-tests/no-such-model", max_tokens=3)')
+    assert kl.parse("m = " + text) == m
+    assert "no-such-model" in m.explain()
+    with pytest.raises(AssertionError, match="was loaded"):  # inference is what resolves
+        kl.infer(m, n=4)
+    monkeypatch.undo()
+    monkeypatch.setattr("kldsl.hf._hub_reachable", lambda: False)
+    with pytest.raises(kl.KldslModelLoadError, match="kldsl-tests/no-such-model"):
+        kl.infer(m, n=4)
+
+
+def test_a_target_resolves_each_model_once_and_evaluates_without_loading(monkeypatch):
+    lm = kl.ToyLM(vocab="ab", seed=0, name="named")
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        return lm
+
+    monkeypatch.setattr("kldsl.models.load_lm", load)
+    base = kl.prior("named", max_tokens=3)
+    m = base * kl.prior("named", prompt="b", max_tokens=3) ** 0.5 * kl.exp(kl.length / 1.0)
+    target = kl.Target(m)
+    assert calls == ["named"] and target.lm is lm and target.lms == {"named": lm}
+    monkeypatch.setattr("kldsl.models.load_lm", _no_loading)
+    draw = target.draw(8, torch.Generator().manual_seed(0))
+    direct = kl.prior(lm, max_tokens=3) * kl.prior(lm, prompt="b", max_tokens=3) ** 0.5
+    expected = (direct * kl.exp(kl.length / 1.0)).log_density(draw.ids)
+    assert torch.equal(draw.density.log_p, expected.log_p)
+
+
+def test_log_density_with_lms_refuses_a_prior_it_has_no_lm_for(toy):
+    m = kl.prior("named", max_tokens=2)
+    with pytest.raises(KldslTypeError, match="no LM was resolved"):
+        m.log_density([[1]], lms={toy: toy})
+    assert m.log_density([[1]], lms={"named": toy}).log_p.shape == (1,)
+
+
+def test_resolve_returns_an_lm_itself_and_knows_only_the_hf_runtime(toy):
+    assert kl.resolve(toy) is toy and kl.resolve(kl.prior(toy)) is toy
+    m = kl.prior(toy, max_tokens=2)
+    for call in (
+        lambda: kl.resolve(toy, runtime="vllm"),
+        lambda: kl.Target(m, runtime="vllm"),
+        lambda: kl.infer(m, n=4, runtime="vllm"),
+    ):
+        with pytest.raises(kl.KldslNameError, match="unknown runtime 'vllm'") as err:
+            call()
+        assert "known: hf" in str(err.value)
+    assert kl.infer(m, n=4, runtime="hf").engine == "importance"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_hf import tiny_hf, tiny_model, tiny_tokenizer
 
+import kldsl as kl
 from kldsl import models
 from kldsl.errors import KldslModelLoadError
 from kldsl.hf import HFLM
@@ -145,6 +146,8 @@ def test_from_pretrained_local_folder(tiny, tiny_folder):
     prefixes = [[1, 3], [1, 4, 5, 6]]
     assert torch.allclose(lm.next_logprobs(prefixes), tiny.next_logprobs(prefixes), atol=1e-6)
     assert models.load_lm(str(tiny_folder)) is models.load_lm(str(tiny_folder))
+    assert kl.resolve(str(tiny_folder)) is kl.resolve(kl.prior(str(tiny_folder)))  # cached
+    assert kl.resolve(str(tiny_folder)) is models.load_lm(str(tiny_folder))
 
 
 def test_missing_folder_raises(tmp_path):

@@ -480,3 +480,19 @@ def test_long_lines_show_a_window_around_the_column():
 def test_non_finite_env_numbers_are_rejected():
     with pytest.raises(KldslTypeError, match="kldsl numbers are finite"):
         kl.parse("m = prior(toy) * exp(length / b)", env={**ENV, "b": float("inf")})
+
+
+def test_an_env_lm_prints_under_its_env_name_and_parses_back():
+    lm = kl.ToyLM(vocab="ab", seed=0, name="openai-community/gpt2")
+    env = {**ENV, "gpt2": lm, "my model": lm}
+    for text in ("m = prior(gpt2, max_tokens=3)", 'm = prior("gpt2", max_tokens=3)'):
+        graph = kl.parse(text + " * exp(happy / 0.5)", env=env)
+        assert str(graph) == "prior(gpt2, max_tokens=3) * exp(happy / 0.5)"
+        assert kl.parse("m = " + str(graph), env=env) == graph
+    graph = kl.parse('m = prior("my model", prompt="a")', env=env)
+    assert str(graph) == 'prior("my model", prompt="a")'
+    assert kl.parse("m = " + str(graph), env=env) == graph == kl.prior(lm, prompt="a")
+    assert str(kl.with_prompt(graph, "b")) == 'prior("my model", prompt="b")'
+    # built in Python, the prior prints the LM's own name, as before
+    assert str(kl.prior(lm)) == 'prior("openai-community/gpt2")'
+    assert str(kl.parse("m = prior(toy)", env=ENV)) == "prior(toy)"

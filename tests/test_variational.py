@@ -67,7 +67,7 @@ def test_expected_surrogate_gradient_is_the_divergence_gradient(objective):
     """With every sequence weighted by its sampling probability instead of drawn, the loss
     −E_s[c·log π] has exactly the gradient of the objective's divergence."""
     model = reward_model()
-    prior = model.base().lm
+    prior = kl.resolve(model.base())
     pi = make_policy(prior)
     with torch.no_grad():  # move π away from a so no gradient is trivially zero
         pi.logits.add_(
@@ -113,13 +113,13 @@ def test_expected_surrogate_gradient_is_the_divergence_gradient(objective):
 # --- training drives the exact divergences down --------------------------------------------
 def test_reverse_kl_drives_exact_kl_down(reverse_fit):
     model, fit = reverse_fit
-    before = exact_divergences(model.base().lm, model)
+    before = exact_divergences(kl.resolve(model.base()), model)
     after = exact_divergences(fit.model, model)
     assert before["kl_pi_p"] == pytest.approx(1.7412, abs=1e-3)
     assert after["kl_pi_p"] < 0.08  # measured 0.0485 (optimum 0.0429)
     assert fit.objective == "reverse_kl" and len(fit.history) == 60
     # the reference is frozen: the prior still scores as before
-    assert exact_divergences(model.base().lm, model)["kl_pi_p"] == before["kl_pi_p"]
+    assert exact_divergences(kl.resolve(model.base()), model)["kl_pi_p"] == before["kl_pi_p"]
     # the Monte Carlo metrics track the exact ones
     tail = fit.history[-10:]
     assert sum(r["kl_pi_p"] for r in tail) / 10 == pytest.approx(after["kl_pi_p"], abs=0.05)
@@ -132,7 +132,7 @@ def test_reverse_kl_drives_exact_kl_down(reverse_fit):
 
 def test_forward_kl_is_the_default_with_constraints_and_drives_kl_down():
     model = starts_with_a()
-    before = exact_divergences(model.base().lm, model)
+    before = exact_divergences(kl.resolve(model.base()), model)
     assert before["kl_p_pi"] == pytest.approx(-before["log_z"], abs=1e-12)  # the −log Z ruler
     fit = kl.infer(model, engine="variational", steps=60, batch_size=32, lr=0.1)
     after = exact_divergences(fit.model, model)
@@ -145,7 +145,7 @@ def test_forward_kl_is_the_default_with_constraints_and_drives_kl_down():
 
 def test_js_lowers_its_divergence():
     model = reward_model()
-    before = exact_divergences(model.base().lm, model)
+    before = exact_divergences(kl.resolve(model.base()), model)
     fit = kl.infer(model, engine="variational", objective="js", steps=60, batch_size=32, lr=0.1)
     after = exact_divergences(fit.model, model)
     assert before["js"] == pytest.approx(0.3123, abs=1e-3)
@@ -219,7 +219,7 @@ def test_prompts_fit_a_conditional_target_with_one_z_per_prompt(tmp_path):
 def test_save_load_and_prior_from_folder(reverse_fit, tmp_path):
     model, fit = reverse_fit
     folder = fit.save(tmp_path / "fit")
-    loaded = kl.prior(str(folder), max_tokens=4).lm
+    loaded = kl.resolve(kl.prior(str(folder), max_tokens=4))
     assert torch.equal(loaded.logits, fit.model.logits)
     again = kl.Fit.load(folder)
     assert again.objective == "reverse_kl" and strip(again.history) == strip(fit.history)
@@ -354,7 +354,7 @@ def test_lora_fine_tunes_a_tiny_hf_model(tmp_path):
         torch.testing.assert_close(fit.model.score(every.ids, prompt="ab"), scored_before)
     # saved merged (an ordinary HF folder) plus the adapter; kl.prior(folder) loads it
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    loaded = kl.prior(str(tmp_path / "run"), prompt="ab", max_tokens=3).lm
+    loaded = kl.resolve(kl.prior(str(tmp_path / "run"), prompt="ab", max_tokens=3))
     torch.testing.assert_close(
         loaded.score(every.ids, prompt="ab"),
         fit.model.score(every.ids, prompt="ab"),
@@ -372,7 +372,7 @@ def test_full_fine_tuning_of_a_hf_model_saves_an_ordinary_folder(tmp_path):
     )
     assert not (tmp_path / "run" / "adapter").exists()
     assert (tmp_path / "run" / "model" / "config.json").is_file()
-    loaded = kl.prior(str(tmp_path / "run"), prompt="ab", max_tokens=3).lm
+    loaded = kl.resolve(kl.prior(str(tmp_path / "run"), prompt="ab", max_tokens=3))
     tuned = fit.model.score(every.ids, prompt="ab")
     torch.testing.assert_close(loaded.score(every.ids, prompt="ab"), tuned, atol=1e-6, rtol=0)
     assert (tuned - every.log_probs).abs().max() > 1e-3  # it did train

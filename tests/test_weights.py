@@ -123,8 +123,8 @@ def test_divergences_vanish_when_q_is_the_target():
 
 
 def test_tv_distance():
-    p = logs(0.5, 0.5, 0.0)
-    q = logs(0.25, 0.25, 0.5)
+    p = {"a": 0.5, "b": 0.5}
+    q = {"a": 0.25, "b": 0.25, "c": 0.5}  # "c" is outside p's support
     assert weights.tv_distance(p, q) == pytest.approx(0.5, abs=EXACT_TOL)
     assert weights.tv_distance(q, q) == 0.0
 
