@@ -3,7 +3,7 @@
 Every objective reads the same model graph p̃(x) = a(x)·exp(r(x)/β)·1[c(x)]; the reference
 a is the untouched base prior (π trains on a copy; it is never tempered).
 
-- ``reverse_kl``: KL(π‖p*), which *is* KL-regularised RL (DESIGN.md). Samples from π at
+- ``reverse_kl``: KL(π‖p*), which *is* KL-regularised RL (Korbak et al. 2022). Sampling π at
   temperature 1 (no top-k/top-p); score-function gradient −E_π[(R − b)∇log π] with the
   per-sequence reward R = log p̃(x) − log π(x) and a leave-one-out baseline b. A hard
   constraint has R = −∞ on violations, so reverse KL fits ``kl.transforms.soften(model,
