@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
+from test_density import Odd
 
 import kldsl as kl
 from kldsl.exact_oracle import exact_divergences
-from kldsl.graph import P_ATOM, Model
 from kldsl.transforms import soften, with_prompt
 
 MAX_TOKENS = 3
@@ -95,15 +94,6 @@ def test_with_prompt_replaces_every_priors_prompt():
         OTHER, prompt="x"
     ) ** 0.5 * kl.exp(n_a / 0.5) | ~kl.contains("bb")
     assert with_prompt(soften(m, 1.0), "ab") == soften(out, 1.0)
-
-
-@dataclass(frozen=True)
-class Odd(Model):
-    def _fmt(self):
-        return "odd", P_ATOM
-
-    def factors(self):
-        return [self]
 
 
 def test_rewrites_raise_on_an_unknown_node():
