@@ -60,6 +60,29 @@ def _curse(texts: list[str]) -> list[bool]:
     return [checker.contains_profanity(t) for t in texts]
 
 
+def _curse_prefix(texts: list[str]) -> list[bool | None]:
+    """True where the complete words of a prefix text already hold a curse (then every
+    extension does); None otherwise (a later word may be one).
+
+    better-profanity reads a word as a run of its word characters (letters, digits,
+    ``@$*"'``) and checks each word (and runs of following words) when the character after
+    it arrives; a text cut just after its last non-word character ends every word in it,
+    so a curse found there stays found whatever follows.
+    """
+    cut = [_complete_curse_words(t) for t in texts]
+    return [True if hit else None for hit in _curse(cut)]
+
+
+def _complete_curse_words(text: str) -> str:
+    """``text`` up to and including its last character that is not a word character."""
+    from better_profanity.constants import ALLOWED_CHARACTERS
+
+    for i in range(len(text) - 1, -1, -1):
+        if text[i] not in ALLOWED_CHARACTERS:
+            return text[: i + 1]
+    return ""
+
+
 sentiment = Reward(
     name="sentiment",
     fn=_sentiment,
@@ -89,6 +112,7 @@ curse = Constraint(
     key=("builtin", "curse", (), ()),
     closed="upward",
     doc="the text holds a word of better-profanity's curse list",
+    prefix=_curse_prefix,
 )
 
 
@@ -105,6 +129,7 @@ def contains(word: str) -> Constraint:
         args=(word,),
         closed="upward",
         doc=f"the text contains {word!r}",
+        prefix=lambda texts: [True if word in t else None for t in texts],
     )
 
 
@@ -134,7 +159,28 @@ def regex(pattern: str) -> Constraint:
         key=("builtin", "regex", (pattern,), ()),
         args=(pattern,),
         doc=f"the text matches /{pattern}/",
+        prefix=_regex_prefix(pattern),
     )
+
+
+def _regex_prefix(pattern: str) -> Callable[[list[str]], list[bool | None]] | None:
+    """The prefix rule of ``regex(pattern)``: True where a match ends before the last
+    character of the prefix text p (then every text that starts with p matches), else None.
+
+    Proof. Search ``(?:pattern)(?s:.)`` in p: a hit is a match of the pattern on p[i:j]
+    with j < len(p) (one more character follows it). In any text t = p + s, the pattern
+    matches t[i:j] too: the characters it reads are t[i:j] = p[i:j], and every assertion
+    it evaluates at a position k ≤ j (``^ $ \\A \\z \\b \\B`` and their multi-line forms)
+    looks only at the characters at k − 1 and k and at whether k is 0 or the end; k ≤ j <
+    len(p) ≤ len(t), so t[k−1], t[k] = p[k−1], p[k] and k is the end of neither. (In RE2,
+    ``$`` without ``(?m)`` is the end of the text, which k is not.) The wrapper is exact
+    because a pattern that compiles alone has balanced groups, except that ``\\Q`` quotes
+    to the end of the pattern: such patterns get no rule (never decided on a prefix).
+    """
+    if "\\Q" in pattern:
+        return None
+    persistent = _compile_regex(f"(?:{pattern})(?s:.)")
+    return lambda texts: [True if persistent.search(t) is not None else None for t in texts]
 
 
 def _compile_regex(pattern: str) -> Any:

@@ -416,6 +416,9 @@ class Constraint(ConstraintExpr):
 
     ``closed`` says how it behaves on extensions of a text (over complete words):
     "prefix" (a violation persists), "upward" (a satisfaction persists) or "".
+    ``prefix``, when given, decides it on the text p of an unfinished sequence: a batched
+    function returning, per text, True (every text that starts with p satisfies it),
+    False (none does) or None (cannot tell); see :mod:`kldsl.prefix`.
     """
 
     name: str = field(compare=False)
@@ -425,6 +428,9 @@ class Constraint(ConstraintExpr):
     kwargs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
     closed: str = field(default="", compare=False)
     doc: str = field(default="", compare=False)
+    prefix: Callable[[list[str]], Sequence[bool | None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def _fmt(self) -> tuple[str, int]:
         if self.args or self.kwargs:
@@ -956,11 +962,20 @@ def constraint(
     *,
     name: str | None = None,
     closed: str = "",
+    prefix: Callable[[list[str]], Sequence[bool | None]] | None = None,
 ) -> Any:
     """Decorate a batched function ``list[str] -> list[bool]`` as a hard constraint.
 
     ``closed="prefix"`` declares that a violation persists on every extension (lets SMC
-    prune early); ``closed="upward"`` that a satisfaction does.
+    prune early); ``closed="upward"`` that a satisfaction does. Both speak of texts cut
+    after their last whitespace character (complete words): a prefix ``"I am sh"`` is
+    judged by ``"I am "``.
+
+    ``prefix=`` decides the constraint on the text p of an unfinished sequence more
+    finely: a batched function ``list[str] -> list[bool | None]`` returning, per prefix
+    text, True when every text that starts with p satisfies the constraint, False when
+    none does, and None when it cannot tell. It must be sound (a wrong True or False
+    biases SMC); when given, it replaces the rule ``closed`` implies on prefixes.
 
     Example:
         >>> @constraint
@@ -971,6 +986,8 @@ def constraint(
     """
     if closed not in ("", "prefix", "upward"):
         raise ValueError('closed must be "", "prefix" or "upward"')
+    if prefix is not None and not callable(prefix):
+        raise KldslTypeError(f"prefix= takes a function of prefix texts; got {shown(prefix)}")
 
     def wrap(f: Callable) -> Constraint:
         if isinstance(f, Constraint):
@@ -981,6 +998,7 @@ def constraint(
             key=("user", f),
             closed=closed,
             doc=(f.__doc__ or "").strip().split("\n")[0],
+            prefix=prefix,
         )
 
     return wrap(fn) if fn is not None else wrap

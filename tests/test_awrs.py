@@ -1,0 +1,164 @@
+"""AWRS: the token is q restricted to the valid set and the weight is properly weighted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kldsl.awrs import _log_weight, _Masses, awrs
+
+#: z-score of the Monte Carlo checks: two-sided false-alarm rate 5.7e-7 per comparison,
+#: so the ~60 comparisons below raise a false alarm with probability below 1e-4.
+Z_SCORE = 5.0
+
+
+def _problem(seed: int, vocab: int, zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random log q [vocab] (``zero`` tokens of probability 0) and a random mask."""
+    gen = torch.Generator().manual_seed(seed)
+    log_q = torch.log_softmax(torch.randn(vocab, generator=gen, dtype=torch.float64) * 1.5, 0)
+    log_q[:zero] = -math.inf
+    log_q = log_q - torch.logsumexp(log_q, 0)
+    mask = torch.rand(vocab, generator=gen) < 0.4
+    mask[zero] = True  # at least one valid token of positive probability
+    return log_q, mask
+
+
+def _paths(probs: list[float], valid: list[bool], removed: tuple[int, ...]):
+    """Every history of one round from state ``removed``: (new removals, hit, probability)."""
+    out = []
+
+    def walk(used: tuple[int, ...], new: tuple[int, ...], p: float) -> None:
+        rest = sum(probs[t] for t in range(len(probs)) if t not in used)
+        for t in range(len(probs)):
+            if t in used or probs[t] == 0.0:
+                continue
+            step = p * probs[t] / rest
+            if valid[t]:
+                out.append((new, t, step))
+            else:
+                walk((*used, t), (*new, t), step)
+
+    walk(removed, (), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weight_is_properly_weighted_exactly(seed):
+    """Enumerating both rounds' histories: E[w·1[x = v]] = q(v)·1[valid v] for every v."""
+    log_q, mask = _problem(seed, 6, zero=seed % 2)
+    probs, valid = log_q.exp().tolist(), mask.tolist()
+    q = _Masses(log_q)
+    mass = [0.0] * len(probs)
+    for first, x, p1 in _paths(probs, valid, ()):
+        for second, _, p2 in _paths(probs, valid, first):
+            mass[x] += p1 * p2 * math.exp(_log_weight(q, [*first, *second]))
+    want = [p if ok else 0.0 for p, ok in zip(probs, valid)]
+    # float64 sums of at most a few thousand terms of size ≤ 1: error far below 1e-12
+    assert mass == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sampler_is_properly_weighted_monte_carlo(seed):
+    """The sampler itself: the mean of w·f(x) is the masked mass Σ q·1[valid]·f for the
+    indicator of every token and for f = 1, within Z_SCORE standard errors."""
+    log_q, mask = _problem(10 + seed, 6, zero=1)
+    gen = torch.Generator().manual_seed(seed)
+    n = 6000
+    draws = [awrs(log_q, lambda t: mask[t], gen) for _ in range(n)]
+    tokens = torch.tensor([d[0] for d in draws])
+    w = torch.tensor([math.exp(d[1]) for d in draws], dtype=torch.float64)
+    assert bool(mask[tokens].all())
+    probs = log_q.exp()
+    for v in range(len(probs)):
+        values = w * (tokens == v)
+        want = float(probs[v]) if mask[v] else 0.0
+        se = float(values.std()) / math.sqrt(n)
+        assert abs(float(values.mean()) - want) <= Z_SCORE * se + 1e-12, v
+    se = float(w.std()) / math.sqrt(n)
+    assert abs(float(w.mean()) - float(probs[mask].sum())) <= Z_SCORE * se
+
+
+def test_small_valid_mass_many_rejections():
+    """A valid mass of about 2% over 400 tokens (hundreds of rejections, the sorted-order
+    path): w stays unbiased for Z and is never −inf."""
+    gen = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(400, generator=gen, dtype=torch.float64), 0)
+    mask = torch.zeros(400, dtype=torch.bool)
+    mask[::50] = True
+    z = float(log_q.exp()[mask].sum())
+    n = 1500
+    draws = [awrs(log_q, lambda t: mask[t], gen) for _ in range(n)]
+    w = torch.tensor([math.exp(d[1]) for d in draws], dtype=torch.float64)
+    assert all(mask[d[0]] and math.isfinite(d[1]) for d in draws)
+    assert abs(float(w.mean()) - z) <= Z_SCORE * float(w.std()) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_never_minus_inf_when_a_valid_token_exists(seed):
+    log_q, _ = _problem(seed, 8, zero=2)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[2 + seed % 6] = True  # exactly one valid token, of positive probability
+    token, log_w, _ = awrs(log_q, lambda t: mask[t], torch.Generator().manual_seed(seed))
+    assert token == 2 + seed % 6 and math.isfinite(log_w)
+
+
+def test_minus_inf_when_no_token_is_valid():
+    log_q, _ = _problem(0, 8, zero=2)
+    only_zero = torch.zeros(8, dtype=torch.bool)
+    only_zero[:2] = True  # valid tokens all have probability 0
+    gen = torch.Generator().manual_seed(0)
+    assert awrs(log_q, lambda t: only_zero[t], gen)[:2] == (-1, -math.inf)
+    assert awrs(log_q, lambda t: torch.zeros(len(t), dtype=torch.bool), gen)[:2] == (
+        -1,
+        -math.inf,
+    )
+
+
+def test_zero_probability_tokens_are_never_checked():
+    log_q, _ = _problem(3, 50, zero=25)
+    asked: list[int] = []
+
+    def valid(tokens):
+        asked.extend(tokens.tolist())
+        return tokens % 7 == 0
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        awrs(log_q, valid, gen)
+    assert asked and min(asked) >= 25
+
+
+def test_large_vocabulary_few_checks():
+    """50k tokens, 99% of the mass valid: a handful of checks per token, never a scan of
+    the vocabulary; all valid: at most two checks and w = 1 (the whole mass)."""
+    gen = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(50_000, generator=gen) * 3, 0)
+    bad = torch.zeros(50_000, dtype=torch.bool)
+    bad[torch.topk(log_q, 5).indices[1:]] = True  # a few likely tokens invalid
+    bad_mass = float(log_q.double().exp()[bad].sum())
+    calls: list[int] = []
+
+    def valid(tokens):
+        calls.append(len(tokens))
+        return ~bad[tokens]
+
+    checks = [awrs(log_q, valid, gen)[2] for _ in range(200)]
+    assert max(checks) <= 40
+    # each round checks about 1/(1 - bad mass) tokens on average, doubled by batching
+    assert sum(checks) / len(checks) <= 2 * 2 * 2 / (1 - bad_mass)
+    for _ in range(20):
+        token, log_w, n = awrs(log_q, lambda t: torch.ones(len(t), dtype=torch.bool), gen)
+        assert n <= 2 and log_w == pytest.approx(0.0, abs=1e-6)  # float32 log q sums to 1±1e-6
+
+
+def test_unnormalised_log_q():
+    """q need not sum to 1: the weight estimates Σ q·1[valid] of the q given."""
+    log_q, mask = _problem(4, 5)
+    shifted = log_q + 3.0
+    gen = torch.Generator().manual_seed(1)
+    n = 4000
+    w = torch.tensor([math.exp(awrs(shifted, lambda t: mask[t], gen)[1]) for _ in range(n)])
+    z = math.exp(3.0) * float(log_q.exp()[mask].sum())
+    assert abs(float(w.mean()) - z) <= Z_SCORE * float(w.std()) / math.sqrt(n)
