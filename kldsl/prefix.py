@@ -123,7 +123,7 @@ def _probe(lm: LM) -> bool:
     for text in _PROBE_TEXTS:
         try:
             sequences.append(list(lm.encode(text)))
-        except (ValueError, KeyError):  # characters outside a small vocabulary
+        except Exception:  # characters outside a small vocabulary: probe the rest
             continue
     gen = torch.Generator().manual_seed(0)
     tokens = [t for t in range(lm.vocab_size) if t != lm.eos_id]
@@ -132,13 +132,14 @@ def _probe(lm: LM) -> bool:
         sequences += [[tokens[i] for i in row] for row in picks.tolist()]
     for ids in sequences:
         ids = [t for t in ids if t != lm.eos_id]
-        full = lm.decode(ids)
-        before = ""
-        for k in range(len(ids) + 1):
-            text = lm.decode(ids[:k]).rstrip("\ufffd")
-            if not (text.startswith(before) and full.startswith(text)):
+        try:
+            texts = [lm.decode(ids[:k]) for k in range(len(ids) + 1)]
+        except Exception:  # ids this LM cannot decode are ids it never generates
+            continue
+        stable = [t.rstrip("\ufffd") for t in texts]
+        for shorter, longer in zip(stable, stable[1:]):
+            if not (longer.startswith(shorter) and texts[-1].startswith(shorter)):
                 return False
-            before = text
     return True
 
 
@@ -180,6 +181,24 @@ class PrefixCheck:
                 bad |= self._prefix_values(f.node, prefixes)
             out[open_] = bad
         return out
+
+    def allowed(self, lm: LM, ids: Sequence[int], tokens: Tensor, max_tokens: int) -> Tensor:
+        """[k] bool: which next ``tokens`` keep the sequence ``ids`` alive (not :meth:`dead`),
+        an extension being finished when it ends in EOS or reaches ``max_tokens`` tokens;
+        the ``valid`` of :func:`kldsl.awrs.awrs` for one particle.
+
+        Example:
+            >>> import kldsl as kl, torch
+            >>> lm = kl.ToyLM(vocab="ab")
+            >>> check = prefix_check(kl.prior(lm, max_tokens=4) | ~kl.contains("b"))
+            >>> check.allowed(lm, [1], torch.tensor([0, 1, 2]), max_tokens=4).tolist()
+            [True, True, False]
+        """
+        ids = list(ids)
+        seqs = [[*ids, int(t)] for t in tokens.tolist()]
+        finished = [s[-1] == lm.eos_id or len(s) >= max_tokens for s in seqs]
+        texts = [lm.text(s) if f else prefix_text(lm, s) for s, f in zip(seqs, finished)]
+        return ~self.dead(texts, finished)
 
     def _prefix_values(self, node: Model, texts: list[str]) -> Tensor:
         """Whether a factor rules out every extension of each prefix text [N] bool."""

@@ -148,6 +148,23 @@ def test_curse_sound_over_word_pieces():
     assert dead["bull shit "] and dead["a ss!"] and not dead["bull shit"]
 
 
+def test_allowed_next_tokens():
+    """The AWRS validity of next tokens: EOS and the last token are judged as finished."""
+    lm = ToyLM(vocab="ab")
+    check = prefix_check(kl.prior(lm, max_tokens=3) | ~contains("b") & short)
+    tokens = torch.tensor([lm.eos_id, *lm.encode("ab")])
+    assert check.allowed(lm, lm.encode("a"), tokens, max_tokens=3).tolist() == [True, True, False]
+    # "aaaa" is too long: the short rule kills it on the prefix already
+    assert check.allowed(lm, lm.encode("aaa"), tokens, max_tokens=5).tolist() == [
+        True,
+        False,
+        False,
+    ]
+    nothing = prefix_check(kl.prior(lm, max_tokens=3) | contains("b") & ~contains("a"))
+    # the third token finishes the sequence, so "aab" is checked in full: it has an "a"
+    assert nothing.allowed(lm, lm.encode("aa"), tokens, max_tokens=3).tolist() == [False] * 3
+
+
 def test_complete_words():
     assert complete_words("I am sh") == "I am "
     assert complete_words("a\tb") == "a\t"
@@ -257,6 +274,7 @@ def test_tiny_hf_prefix_text():
     ]
 
 
+@pytest.mark.slow
 def test_embedded_tokenizer_utf8_and_spaces(smollm2):
     """SmolLM2's byte-level BPE: an emoji spelled over several tokens, accents, a leading
     space token and a double space; every prefix text is a prefix of the final text and
