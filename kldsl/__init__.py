@@ -105,4 +105,8 @@ def __getattr__(name: str):
         from kldsl.backends.qrs import qrs_sweep
 
         return qrs_sweep
+    if name in ("log_z_bounds", "LogZBounds"):  # the smc engine's, loaded the same way
+        from kldsl.backends import smc
+
+        return getattr(smc, name)
     raise AttributeError(f"module 'kldsl' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kldsl.errors import KldslModelLoadError
-from kldsl.lm import LM, Ids, SampleBatch, draw, make_generator, pick
+from kldsl.lm import LM, Decoding, Ids, SampleBatch, draw, make_generator, pick
 
 # keyword arguments of ``from_pretrained`` that the tokenizer needs as well as the model
 _SHARED_KWARGS = (
@@ -272,6 +272,13 @@ class HFLM(LM):
         )
         return _log_softmax(out.logits[:, -1]).float().cpu()
 
+    def decoder(self, prompt: str = "", n: int = 1, max_tokens: int | None = None) -> Decoding:
+        """``n`` rows decoding after the prompt through one KV cache: the context runs once
+        and is broadcast to every row (into a static cache with room for ``max_tokens``
+        where the model takes one), each step runs one token per row, and
+        :meth:`Decoding.select` reorders or duplicates the cache rows (no recomputation)."""
+        return CachedDecoding(self, self.context_ids(prompt), n, max_tokens or 0)
+
     # --- fast sampling and scoring --------------------------------------------------
     @torch.no_grad()
     def _sample_batch(
@@ -477,6 +484,34 @@ class HFLM(LM):
             held = torch.where(keep, held.squeeze(2), torch.zeros_like(held.squeeze(2)))
             out.append(held.sum(1).double())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+class CachedDecoding(Decoding):
+    """:class:`Decoding` of an :class:`HFLM` over a KV cache (see :meth:`HFLM.decoder`).
+
+    Its log-probabilities are float64 on the model's device, as :meth:`HFLM.sample`
+    computes them, so decoding and sampling draw the same tokens from the same generator.
+    """
+
+    def __init__(self, lm: HFLM, context: Ids, n: int, room: int):
+        self.lm = lm
+        self.cache, self.logprobs = lm._broadcast(context, n, room)
+        self.forwards = len(context)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor) -> None:
+        if len(tokens) != self.rows:
+            raise ValueError(f"{len(tokens)} tokens for {self.rows} rows")
+        out = self.lm._forward(
+            tokens.unsqueeze(1).to(self.lm.device), cache=self.cache, use_cache=True, last_only=True
+        )
+        self.forwards += len(tokens)
+        self.logprobs = _log_softmax(out.logits[:, -1])
+
+    def select(self, index: Tensor) -> None:
+        index = index.to(self.lm.device)
+        _keep_rows(self.cache, index)
+        self.logprobs = self.logprobs.index_select(0, index)
 
 
 def pad(

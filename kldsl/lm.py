@@ -308,6 +308,22 @@ class LM:
                 lp = self.next_logprobs([context + list(sequences[i][:t]) for i in chunk])
                 yield chunk, pick(lp, torch.tensor([sequences[i][t] for i in chunk]))
 
+    def decoder(self, prompt: str = "", n: int = 1, max_tokens: int | None = None) -> Decoding:
+        """``n`` rows decoding after the prompt's context, one token per row per step (see
+        :class:`Decoding`); ``max_tokens`` bounds how many tokens a row will hold (a model
+        with a KV cache preallocates that room). This default re-runs each row's whole
+        prefix through :meth:`next_logprobs` at every step; :class:`kldsl.hf.HFLM` keeps a
+        KV cache instead.
+
+        Example:
+            >>> lm = ToyLM(vocab="ab")
+            >>> dec = lm.decoder(n=2)
+            >>> dec.extend(torch.tensor([1, 2]))
+            >>> torch.allclose(dec.logprobs, lm.next_logprobs([[1], [2]]))
+            True
+        """
+        return PrefixDecoding(self, self.context_ids(prompt), n)
+
     @torch.no_grad()
     def enumerate(self, max_tokens: int, *, prompt: str = "", limit: int = 200_000) -> SampleBatch:
         """Every sequence of at most ``max_tokens`` tokens with its exact log-probability.
@@ -341,6 +357,56 @@ class LM:
                             grown.append((seq, value))
             frontier = grown
         return SampleBatch(done_ids, torch.tensor(done_lp, dtype=torch.float64))
+
+
+class Decoding:
+    """Rows of an LM decoding token by token, as a token-level sampler drives them.
+
+    :attr:`logprobs` are the next-token log-probabilities [rows, V] of each live row;
+    :meth:`extend` appends one token to every row; :meth:`select` keeps, reorders or
+    duplicates rows (dropping finished rows, resampling). :attr:`forwards` counts the
+    token positions run so far (rows × steps, the context once).
+    """
+
+    logprobs: Tensor
+    forwards: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.logprobs.shape[0])
+
+    def extend(self, tokens: Tensor) -> None:
+        """Append ``tokens`` [rows] (one per row) and compute the next log-probabilities."""
+        raise NotImplementedError
+
+    def select(self, index: Tensor) -> None:
+        """Keep the rows ``index`` [k] (long), in that order; an index may repeat."""
+        raise NotImplementedError
+
+
+class PrefixDecoding(Decoding):
+    """The generic :class:`Decoding`: each step runs every row's full prefix."""
+
+    def __init__(self, lm: LM, context: Ids, n: int):
+        self.lm, self.context = lm, context
+        self.seqs: list[Ids] = [[] for _ in range(n)]
+        with torch.no_grad():
+            self.logprobs = lm.next_logprobs([list(context)] * n) if n else torch.zeros(0)
+        self.forwards = len(context) * min(n, 1)
+
+    def extend(self, tokens: Tensor) -> None:
+        if len(tokens) != len(self.seqs):
+            raise ValueError(f"{len(tokens)} tokens for {len(self.seqs)} rows")
+        for seq, tok in zip(self.seqs, tokens.tolist()):
+            seq.append(int(tok))
+        self.forwards += sum(len(self.context) + len(s) for s in self.seqs)
+        with torch.no_grad():
+            self.logprobs = self.lm.next_logprobs([self.context + s for s in self.seqs])
+
+    def select(self, index: Tensor) -> None:
+        rows = index.tolist()
+        self.seqs = [list(self.seqs[i]) for i in rows]
+        self.logprobs = self.logprobs[index.to(self.logprobs.device)]
 
 
 def torch_module(lm: LM) -> torch.nn.Module | None:

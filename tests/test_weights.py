@@ -131,7 +131,7 @@ def test_tv_distance():
 
 # --- resampling (BlackJAX tests/smc/test_resampling.py: against the exact weighted mean) ----------
 
-METHODS = ["multinomial", "systematic"]
+METHODS = list(weights.RESAMPLING)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -183,5 +183,33 @@ def test_resample_is_reproducible(method):
 def test_resample_refuses_all_zero_weights_and_unknown_methods():
     with pytest.raises(ValueError, match="every weight is zero"):
         weights.resample(logs(0.0, 0.0), 3, torch.Generator())
-    with pytest.raises(ValueError, match="use 'multinomial' or 'systematic'"):
-        weights.resample(logs(1.0, 1.0), 3, torch.Generator(), "stratified")
+    with pytest.raises(ValueError, match="use one of 'multinomial', 'stratified'"):
+        weights.resample(logs(1.0, 1.0), 3, torch.Generator(), "bootstrap")
+
+
+@pytest.mark.parametrize("method", weights.RESAMPLING)
+def test_resample_counts_are_unbiased(method):
+    """E[count_i] = k·W_i: the mean count over REPS resamplings is within Z_SIGMAS standard
+    errors of k·W_i. One resampling's count variance is at most k·W_i(1 − W_i) for
+    multinomial and at most 1 for the others (their counts vary only through the strata
+    around one CDF point, or the < 1 remainder of k·W_i), so the bound uses the larger."""
+    reps, k = 2000, 10
+    w = torch.tensor([0.05, 0.0, 0.3, 0.15, 0.5], dtype=torch.float64)
+    p = w / w.sum()
+    gen = torch.Generator().manual_seed(6)
+    counts = torch.zeros(len(w), dtype=torch.float64)
+    for _ in range(reps):
+        counts += torch.bincount(weights.resample(w.log(), k, gen, method), minlength=len(w))
+    mean = counts / reps
+    var = torch.clamp(k * p * (1 - p), min=1.0)
+    assert bool(((mean - k * p).abs() < Z_SIGMAS * (var / reps).sqrt()).all())
+    assert mean[1] == 0.0  # a zero weight is never drawn
+
+
+@pytest.mark.parametrize("method", ["systematic", "residual"])
+def test_low_variance_schemes_keep_the_floor_of_k_times_w(method):
+    w = torch.tensor([0.05, 0.3, 0.15, 0.5], dtype=torch.float64)
+    for seed in range(20):
+        index = weights.resample(w.log(), 7, torch.Generator().manual_seed(seed), method)
+        counts = torch.bincount(index, minlength=4).double()
+        assert bool((counts >= torch.floor(7 * w - 1e-9)).all()) and int(counts.sum()) == 7

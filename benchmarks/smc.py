@@ -1,0 +1,255 @@
+"""Benchmark 5: token-level SMC against importance sampling on the embedded SmolLM2.
+
+Prompt "I just got back from a trip to", 32 tokens, n = 16 and 64 particles, several seeds;
+importance sampling draws as many sequences as SMC has particles, so both spend about the
+same token forwards (each reports its own count: SMC's include the context once and stop
+for particles that died or finished).
+
+1. lipogram ``| not contains("e")`` (lowercase e): smc direct, smc awrs and importance —
+   share of final particles valid, log Ẑ mean and spread over seeds, ESS, wall time,
+   token forwards. Targets: awrs keeps every final particle valid; log Ẑ spread (max − min
+   over seeds) of smc awrs below 1 nat at n = 64.
+2. flagship ``* exp(sentiment / 0.2) | not curse``: smc with and without ``twist="prefix"``
+   and importance — ESS per 1,000 token forwards and the posterior mean sentiment with its
+   spread over seeds. Target: smc ≥ 3× importance's ESS per token forward.
+3. ``| contains("Paris")``: smc with the prior as proposal, and with benchmark 3's
+   fine-tuned π when ``results/paris_fit`` (or ``paris_fit_quick``) is saved.
+4. speed: smc direct with 64 particles against importance sampling of 64 sequences on the
+   flagship target, timed side by side. Target: ≤ 2× importance's wall time.
+
+``--quick`` runs 12 tokens, n = 16 only (64 for the speed comparison), 2 seeds, one timing
+pair and no Paris target: about 15 minutes on this shared 2-core machine under load (one
+forward of 16 rows then takes about 2 s; the full run takes hours here).
+
+    python -m benchmarks.smc [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import kldsl as kl
+from benchmarks.common import RESULTS, write
+from kldsl.models import load_lm
+
+PROMPT = "I just got back from a trip to"
+SPREAD_TARGET = 1.0  # nat: max − min of log Ẑ over seeds, smc awrs, n = 64
+ESS_TARGET = 3.0  # × importance's ESS per 1,000 token forwards (flagship)
+SPEED_TARGET = 2.0  # × importance's wall time, 64 particles
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    max_tokens: int = 32
+    particles: tuple[int, ...] = (16, 64)
+    seeds: int = 3
+    flagship_particles: tuple[int, ...] = (16, 64)
+    speed_seeds: int = 3
+    paris: bool = True
+
+
+FULL = Settings()
+QUICK = Settings(
+    max_tokens=12, particles=(16,), seeds=2, flagship_particles=(16,), speed_seeds=1, paris=False
+)
+
+
+def prior(s: Settings) -> kl.Model:
+    return kl.prior("smollm2", prompt=PROMPT, max_tokens=s.max_tokens)
+
+
+def one_run(model: kl.Model, engine: str, n: int, seed: int, **options: Any) -> dict[str, Any]:
+    """One run's figures (a run in which no particle survives has log Ẑ = −inf)."""
+    start = time.perf_counter()
+    try:
+        s = kl.infer(model, engine=engine, n=n, seed=seed, progress=False, **options)
+    except kl.KldslInferenceError:  # every particle / draw has weight 0
+        return {"valid": 0.0, "log_z": -math.inf, "ess": 0.0, "seconds": None, "forwards": None}
+    seconds = time.perf_counter() - start
+    forwards = s.diagnostics.get("token_forwards", sum(len(x) for x in s.ids))
+    out = {
+        "valid": float(torch.isfinite(s.log_weights).double().mean()),
+        "log_z": s.log_z,
+        "log_z_se": s.log_z_se,
+        "ess": s.ess,
+        "seconds": seconds,
+        "forwards": int(forwards),
+        "ess_per_1000": 1000.0 * s.ess / max(int(forwards), 1),
+    }
+    if "sentiment" in s.rewards:
+        out["sentiment"] = s.reward_mean("sentiment")
+    if engine == "smc":
+        out["resampling_steps"] = s.diagnostics["resampling_steps"]
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds, and the spread of log Ẑ (max − min, and sd)."""
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
+        return statistics.fmean(values) if values else None
+
+    log_z = [r["log_z"] for r in runs]
+    finite = [z for z in log_z if math.isfinite(z)]
+    out = {
+        k: mean(k)
+        for k in ("valid", "ess", "seconds", "forwards", "ess_per_1000", "sentiment")
+        if any(k in r for r in runs)
+    }
+    out["log_z"] = log_z
+    out["log_z_mean"] = statistics.fmean(finite) if len(finite) == len(log_z) else None
+    out["log_z_spread"] = max(finite) - min(finite) if len(finite) == len(log_z) else None
+    out["log_z_sd"] = statistics.stdev(finite) if len(finite) == len(log_z) > 1 else None
+    if "sentiment" in out:
+        values = [r["sentiment"] for r in runs if "sentiment" in r]
+        out["sentiment_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    out["runs"] = runs
+    return out
+
+
+def compare(
+    model: kl.Model,
+    methods: dict[str, tuple[str, dict[str, Any]]],
+    ns: tuple[int, ...],
+    s: Settings,
+) -> dict[str, Any]:
+    """Each method (engine and options) at each n over the seeds, run side by side."""
+    out: dict[str, Any] = {}
+    for n in ns:
+        for name, (engine, options) in methods.items():
+            runs = [one_run(model, engine, n, seed, **options) for seed in range(s.seeds)]
+            out[f"{name} n={n}"] = summarise(runs)
+            row = out[f"{name} n={n}"]
+            print(
+                f"  {name:>14} n={n:<3} valid={row.get('valid')} log Ẑ={row['log_z_mean']} "
+                f"spread={row['log_z_spread']} ESS={row.get('ess')} t={row.get('seconds')}",
+                flush=True,
+            )
+    return out
+
+
+def fine_tuned() -> tuple[Any, str] | None:
+    for folder in ("paris_fit", "paris_fit_quick"):
+        path = RESULTS / folder
+        if (path / "fit.json").is_file():
+            return load_lm(str(path)), str(path)
+    return None
+
+
+def speed(model: kl.Model, n: int, seeds: int) -> dict[str, Any]:
+    """Wall time of smc direct and of importance, alternating, n particles / sequences."""
+    times: dict[str, list[float]] = {"smc": [], "importance": []}
+    for seed in range(seeds):
+        for engine in ("smc", "importance"):
+            start = time.perf_counter()
+            kl.infer(model, engine=engine, n=n, seed=seed, batch_size=n, progress=False)
+            times[engine].append(time.perf_counter() - start)
+    smc, imp = statistics.median(times["smc"]), statistics.median(times["importance"])
+    return {"seconds": times, "smc": smc, "importance": imp, "ratio": smc / imp}
+
+
+def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+    s = settings or (QUICK if quick else FULL)
+    load_lm("smollm2")  # loaded once, before anything is timed
+    base = prior(s)
+    print("lipogram", flush=True)
+    lipogram = compare(
+        base | ~kl.contains("e"),
+        {
+            "smc direct": ("smc", {}),
+            "smc awrs": ("smc", {"token_sampler": "awrs"}),
+            "importance": ("importance", {}),
+        },
+        s.particles,
+        s,
+    )
+    print("flagship", flush=True)
+    flagship_model = base * kl.exp(kl.sentiment / 0.2) | ~kl.curse
+    flagship = compare(
+        flagship_model,
+        {
+            "smc": ("smc", {}),
+            "smc twist": ("smc", {"twist": "prefix"}),
+            "importance": ("importance", {}),
+        },
+        s.flagship_particles,
+        s,
+    )
+    paris: dict[str, Any] = {}
+    paris_methods: dict[str, tuple[str, dict[str, Any]]] = {
+        "smc prior": ("smc", {}),
+        "importance": ("importance", {}),
+    }
+    fit = fine_tuned()
+    if fit is not None:
+        paris_methods["smc fine-tuned"] = ("smc", {"proposal": fit[0]})
+    if s.paris:
+        print("paris", flush=True)
+        paris = compare(base | kl.contains("Paris"), paris_methods, (s.particles[-1],), s)
+    print("speed", flush=True)
+    timing = speed(flagship_model, 64, s.speed_seeds)
+    n_top = s.particles[-1]
+    awrs = lipogram[f"smc awrs n={n_top}"]
+    nf = s.flagship_particles[-1]
+    best = max(
+        flagship[f"smc n={nf}"]["ess_per_1000"] or 0.0,
+        flagship[f"smc twist n={nf}"]["ess_per_1000"] or 0.0,
+    )
+    imp = flagship[f"importance n={nf}"]["ess_per_1000"] or 0.0
+    ess_ratio = best / imp if imp > 0 else None
+    headline = [
+        {
+            "name": f"lipogram: smc awrs valid share (n={n_top})",
+            "value": awrs["valid"],
+            "target": 1.0,
+            "met": awrs["valid"] == 1.0,
+        },
+        {
+            "name": f"lipogram: smc awrs log Ẑ spread over {s.seeds} seeds (n={n_top})",
+            "value": awrs["log_z_spread"],
+            "unit": "nat",
+            "target": f"< {SPREAD_TARGET}",
+            "met": awrs["log_z_spread"] is not None and awrs["log_z_spread"] < SPREAD_TARGET,
+        },
+        {
+            "name": f"flagship: smc ESS per token forward / importance's (n={nf})",
+            "value": ess_ratio,
+            "unit": "×",
+            "target": f"≥ {ESS_TARGET}",
+            "met": None if ess_ratio is None else ess_ratio >= ESS_TARGET,
+        },
+        {
+            "name": f"speed: smc direct / importance wall time (64 × {s.max_tokens} tokens)",
+            "value": timing["ratio"],
+            "unit": "×",
+            "target": f"≤ {SPEED_TARGET}",
+            "met": timing["ratio"] <= SPEED_TARGET,
+        },
+    ]
+    payload = {
+        "settings": dataclasses.asdict(s),
+        "quick": quick,
+        "lipogram": lipogram,
+        "flagship": flagship,
+        "paris": paris,
+        "paris_proposal": None if fit is None else fit[1],
+        "speed": timing,
+        "headline": headline,
+    }
+    path = write("smc", payload)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    main(parser.parse_args().quick)
