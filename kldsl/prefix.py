@@ -11,7 +11,11 @@ a ``prefix=`` rule (the built-ins ``contains``, ``curse`` and ``regex`` have one
 ``closed="prefix"`` (sure false when the complete words of p violate it) or
 ``closed="upward"`` (sure true when they satisfy it), else never decided. ``not`` swaps
 the verdicts; ``and`` is sure true when both sides are and sure false when either is;
-``or`` the reverse. Each step of this logic keeps soundness, by induction on the graph.
+``or`` the reverse. Each rule is sound when its parts are (induction on the graph): if
+no extension satisfies c, every extension satisfies ``not c``; if every extension
+satisfies both sides, it satisfies ``and``; if none satisfies one side, none satisfies
+``and``; ``or`` likewise. Unknown is always safe, so a leaf without a declaration, or a
+tokenizer whose decoding cannot be trusted (:func:`prefix_text`), only decides less.
 
 The texts must be prefixes of the final text: :func:`prefix_text` gives one.
 
@@ -154,8 +158,8 @@ class PrefixCheck:
         self.model, self.lms = model, lms
         self.base = model.base()
         self.factors = factors_of(model)
-        self.conditions = [f.node for f in self.factors if f.kind == "constraint"]
-        self.trivial = not any(_can_fail(c.constraint) for c in self.conditions)  # type: ignore[attr-defined]
+        self.conditions = [f.node for f in self.factors if isinstance(f.node, Condition)]
+        self.trivial = not any(_can_fail(c.constraint) for c in self.conditions)
         self._cache: dict[Constraint, dict[str, tuple[bool, bool]]] = {}
 
     def dead(self, texts: list[str], finished: Sequence[bool]) -> Tensor:

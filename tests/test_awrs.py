@@ -51,12 +51,22 @@ def test_weight_is_properly_weighted_exactly(seed):
     probs, valid = log_q.exp().tolist(), mask.tolist()
     q = _Masses(log_q)
     mass = [0.0] * len(probs)
+    second_moment = paper_mean = paper_second_moment = 0.0
     for first, x, p1 in _paths(probs, valid, ()):
         for second, _, p2 in _paths(probs, valid, first):
-            mass[x] += p1 * p2 * math.exp(_log_weight(q, [*first, *second]))
+            w = math.exp(_log_weight(q, [*first, *second]))
+            mass[x] += p1 * p2 * w
+            second_moment += p1 * p2 * w * w
+            # the paper's weight: the mass left at the first hit over (removals + 1)
+            paper = (1.0 - sum(probs[t] for t in first)) / (len(first) + len(second) + 1)
+            paper_mean += p1 * p2 * paper
+            paper_second_moment += p1 * p2 * paper * paper
     want = [p if ok else 0.0 for p, ok in zip(probs, valid)]
     # float64 sums of at most a few thousand terms of size ≤ 1: error far below 1e-12
     assert mass == pytest.approx(want, abs=1e-12)
+    # ours is its Rao-Blackwellisation: the same mean, no more variance
+    assert paper_mean == pytest.approx(sum(want), abs=1e-12)
+    assert second_moment <= paper_second_moment + 1e-12
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -162,3 +172,15 @@ def test_unnormalised_log_q():
     w = torch.tensor([math.exp(awrs(shifted, lambda t: mask[t], gen)[1]) for _ in range(n)])
     z = math.exp(3.0) * float(log_q.exp()[mask].sum())
     assert abs(float(w.mean()) - z) <= Z_SCORE * float(w.std()) / math.sqrt(n)
+
+
+def test_bad_log_q_is_an_error():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="NaN"):
+        awrs(torch.tensor([0.0, math.nan]), lambda t: t >= 0, gen)
+
+
+def test_valid_may_return_a_list():
+    log_q, mask = _problem(2, 5)
+    token, log_w, _ = awrs(log_q, lambda t: mask[t].tolist(), torch.Generator().manual_seed(0))
+    assert mask[token] and math.isfinite(log_w)
