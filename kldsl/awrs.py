@@ -76,6 +76,8 @@ def awrs(
     e^-745 of it, counts as probability zero).
     """
     log_q = log_q.detach().double().cpu().reshape(-1)
+    if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
+        raise ValueError("awrs() takes log-probabilities: log_q holds NaN or +inf")
     known: dict[int, bool] = {}
     checks = 0
 
@@ -83,7 +85,8 @@ def awrs(
         nonlocal checks
         ask = [t for t in tokens if t not in known]
         if ask:
-            answer = valid(torch.tensor(ask, dtype=torch.long)).reshape(-1).tolist()
+            answer = torch.as_tensor(valid(torch.tensor(ask, dtype=torch.long)))
+            answer = answer.reshape(-1).tolist()
             if len(answer) != len(ask):
                 raise ValueError(f"valid() returned {len(answer)} values for {len(ask)} tokens")
             known.update(zip(ask, (bool(a) for a in answer)))

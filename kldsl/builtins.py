@@ -69,16 +69,16 @@ def _curse_prefix(texts: list[str]) -> list[bool | None]:
     it arrives; a text cut just after its last non-word character ends every word in it,
     so a curse found there stays found whatever follows.
     """
-    cut = [_complete_curse_words(t) for t in texts]
+    from better_profanity.constants import ALLOWED_CHARACTERS
+
+    cut = [_complete_words(t, ALLOWED_CHARACTERS) for t in texts]
     return [True if hit else None for hit in _curse(cut)]
 
 
-def _complete_curse_words(text: str) -> str:
-    """``text`` up to and including its last character that is not a word character."""
-    from better_profanity.constants import ALLOWED_CHARACTERS
-
+def _complete_words(text: str, word_characters: set[str]) -> str:
+    """``text`` up to and including its last character outside ``word_characters``."""
     for i in range(len(text) - 1, -1, -1):
-        if text[i] not in ALLOWED_CHARACTERS:
+        if text[i] not in word_characters:
             return text[: i + 1]
     return ""
 
@@ -179,7 +179,10 @@ def _regex_prefix(pattern: str) -> Callable[[list[str]], list[bool | None]] | No
     """
     if "\\Q" in pattern:
         return None
-    persistent = _compile_regex(f"(?:{pattern})(?s:.)")
+    try:
+        persistent = _compile_regex(f"(?:{pattern})(?s:.)")
+    except KldslTypeError:  # e.g. past RE2's size limits: decided on full texts only
+        return None
     return lambda texts: [True if persistent.search(t) is not None else None for t in texts]
 
 

@@ -967,9 +967,9 @@ def constraint(
     """Decorate a batched function ``list[str] -> list[bool]`` as a hard constraint.
 
     ``closed="prefix"`` declares that a violation persists on every extension (lets SMC
-    prune early); ``closed="upward"`` that a satisfaction does. Both speak of texts cut
-    after their last whitespace character (complete words): a prefix ``"I am sh"`` is
-    judged by ``"I am "``.
+    prune early); ``closed="upward"`` that a satisfaction does. Both speak of complete
+    words: the claim is about a text that is empty or ends in whitespace (every text that
+    starts with it keeps its verdict), so a prefix ``"I am sh"`` is judged by ``"I am "``.
 
     ``prefix=`` decides the constraint on the text p of an unfinished sequence more
     finely: a batched function ``list[str] -> list[bool | None]`` returning, per prefix

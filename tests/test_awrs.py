@@ -51,12 +51,22 @@ def test_weight_is_properly_weighted_exactly(seed):
     probs, valid = log_q.exp().tolist(), mask.tolist()
     q = _Masses(log_q)
     mass = [0.0] * len(probs)
+    second_moment = paper_mean = paper_second_moment = 0.0
     for first, x, p1 in _paths(probs, valid, ()):
         for second, _, p2 in _paths(probs, valid, first):
-            mass[x] += p1 * p2 * math.exp(_log_weight(q, [*first, *second]))
+            w = math.exp(_log_weight(q, [*first, *second]))
+            mass[x] += p1 * p2 * w
+            second_moment += p1 * p2 * w * w
+            # the paper's weight: the mass left at the first hit over (removals + 1)
+            paper = (1.0 - sum(probs[t] for t in first)) / (len(first) + len(second) + 1)
+            paper_mean += p1 * p2 * paper
+            paper_second_moment += p1 * p2 * paper * paper
     want = [p if ok else 0.0 for p, ok in zip(probs, valid)]
     # float64 sums of at most a few thousand terms of size ≤ 1: error far below 1e-12
     assert mass == pytest.approx(want, abs=1e-12)
+    # ours is its Rao-Blackwellisation: the same mean, no more variance
+    assert paper_mean == pytest.approx(sum(want), abs=1e-12)
+    assert second_moment <= paper_second_moment + 1e-12
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -162,3 +172,61 @@ def test_unnormalised_log_q():
     w = torch.tensor([math.exp(awrs(shifted, lambda t: mask[t], gen)[1]) for _ in range(n)])
     z = math.exp(3.0) * float(log_q.exp()[mask].sum())
     assert abs(float(w.mean()) - z) <= Z_SCORE * float(w.std()) / math.sqrt(n)
+
+
+def test_bad_log_q_is_an_error():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="NaN"):
+        awrs(torch.tensor([0.0, math.nan]), lambda t: t >= 0, gen)
+
+
+def test_valid_may_return_a_list():
+    log_q, mask = _problem(2, 5)
+    token, log_w, _ = awrs(log_q, lambda t: mask[t].tolist(), torch.Generator().manual_seed(0))
+    assert mask[token] and math.isfinite(log_w)
+
+
+@pytest.mark.parametrize("which", ["prefix-closed", "mixed"])
+def test_masked_sequences_are_properly_weighted(which):
+    """Token by token with AWRS masking every token the prefix checks rule out, the
+    product of the weights makes the sequences properly weighted for p̃ = a·1[c]: the mean
+    of w·1[x = s] is p̃(s) for every sequence s (soundness of the checks is exactly what
+    makes this hold: a sequence that satisfies c never has a dead prefix)."""
+    import kldsl as kl
+    from kldsl.prefix import prefix_check
+
+    lm = kl.ToyLM(vocab="ab", seed=3)
+    constraint = ~kl.contains("bb")
+    if which == "mixed":
+        constraint = constraint & (kl.contains("a") | ~kl.contains("ba"))
+    max_tokens = 3
+    model = kl.prior(lm, max_tokens=max_tokens) | constraint
+    exact = lm.enumerate(max_tokens=max_tokens)
+    p_tilde = model.log_density(exact.ids).log_p.exp()
+    index = {tuple(s): i for i, s in enumerate(exact.ids)}
+    check = prefix_check(model)
+    gen = torch.Generator().manual_seed(0)
+    # every sequence of p̃ > 0 has masked-proposal probability ≥ p̃ ≥ 0.01 here, so each
+    # is drawn in n = 1500 runs (its mean compared with a nonzero spread) but with
+    # probability below (1 − 0.01)^1500 < 3e-7
+    assert float(p_tilde[p_tilde > 0].min()) >= 0.01
+    n = 1500
+    weights = torch.zeros(n, len(exact.ids), dtype=torch.float64)
+    for run in range(n):
+        ids: list[int] = []
+        log_w = 0.0
+        while log_w > -math.inf and len(ids) < max_tokens and lm.eos_id not in ids:
+            log_q = lm.next_logprobs([ids])[0]
+            prefix = list(ids)
+            token, step, _ = awrs(
+                log_q, lambda t, p=prefix: check.allowed(lm, p, t, max_tokens), gen
+            )
+            log_w += step
+            ids.append(token)
+        if log_w > -math.inf:
+            weights[run, index[tuple(ids)]] = math.exp(log_w)
+    mean, se = weights.mean(0), weights.std(0) / math.sqrt(n)
+    assert bool((mean - p_tilde).abs().le(Z_SCORE * se + 1e-12).all())
+    z = float(p_tilde.sum())
+    total = weights.sum(1)
+    assert abs(float(total.mean()) - z) <= Z_SCORE * float(total.std()) / math.sqrt(n)

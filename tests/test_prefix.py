@@ -298,3 +298,34 @@ def test_embedded_tokenizer_utf8_and_spaces(smollm2):
         row = [t for t in row if t != smollm2.eos_id]
         whole = smollm2.text(row)
         assert all(whole.startswith(prefix_text(smollm2, row[:k])) for k in range(len(row)))
+
+
+def _random_constraint(gen: torch.Generator, depth: int):
+    leaves = [
+        contains("a"),
+        contains("ab"),
+        contains(" b"),
+        regex("b a"),
+        regex(r"\ba\b"),
+        no_double_space,
+        has_word_ab,
+        short,
+        starts_a,
+        undeclared,
+    ]
+    pick = int(torch.randint(4 if depth else 1, (), generator=gen))
+    if pick == 0:
+        return leaves[int(torch.randint(len(leaves), (), generator=gen))]
+    if pick == 1:
+        return ~_random_constraint(gen, depth - 1)
+    left, right = _random_constraint(gen, depth - 1), _random_constraint(gen, depth - 1)
+    return left & right if pick == 2 else left | right
+
+
+def test_random_combinations_are_sound():
+    """40 random and/or/not trees (depth ≤ 3) over built-in and declared user leaves."""
+    gen = torch.Generator().manual_seed(0)
+    bit = 0
+    for _ in range(40):
+        bit += _assert_sound(_random_constraint(gen, 3), "ab ", max_tokens=5) > 0
+    assert bit >= 5  # the checks do decide on many of them
