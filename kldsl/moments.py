@@ -53,6 +53,9 @@ CACHE_SIZE = 64
 TOLERANCE = 1e-9
 #: |λ·spread| above this means λ runs off to infinity: μ is on or outside the hull.
 LAMBDA_LIMIT = 200.0
+#: A tilted feature variance below this (in units of spread²) at the solution means the
+#: mass sits on a face of the hull (a mean at the edge of what the sample reaches).
+FLAT = 1e-7
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,13 @@ class MomentFit:
                 f"{m}: λ = {lam:.4g} ± {lam_se:.2g}, mean {got:.4g} ± {se:.2g} "
                 f"(without it {base:.4g})"
             )
+        sample = (
+            f"all {self.n} sequences (exact)"
+            if self.engine == "exact"
+            else f"{self.n} samples ({self.engine}, ESS {self.ess:.1f} under λ)"
+        )
         lines.append(
-            f"fitted on {self.n} samples ({self.engine}, ESS {self.ess:.1f} under λ), "
-            f"{self.iterations} Newton iterations, {self.rounds} round(s)"
+            f"fitted on {sample}, {self.iterations} Newton iterations, {self.rounds} round(s)"
         )
         return "\n".join([*lines, *self.notes])
 
@@ -146,7 +153,8 @@ def solve_dual(
 
     ``features`` [N, K], ``log_w`` [N] (−inf: no weight), ``targets`` [K]. Stops when
     every |E_λ[φ_k] − μ_k| ≤ ``tol``·spread_k; ``converged`` is False after ``max_iter``
-    iterations or when λ runs off (μ on or outside the convex hull of the sample).
+    iterations or when λ runs off (μ on or outside the convex hull of the sample: λ grows
+    without bound, or the tilted features stop varying).
 
     Example:
         >>> phi = torch.tensor([[0.0], [1.0], [1.0], [0.0]], dtype=torch.float64)
@@ -169,12 +177,16 @@ def solve_dual(
     for it in range(max_iter + 1):
         p = torch.softmax(log_w + phi @ lam, 0)
         grad = p @ phi
-        if bool((grad.abs() <= tol * spread).all()):
-            return Dual(lam, it, True, grad)
-        if it == max_iter or bool(((lam * spread).abs() > LAMBDA_LIMIT).any()):
-            break
         centred = phi - grad
         hess = (centred * p[:, None]).T @ centred
+        if bool((grad.abs() <= tol * spread).all()):
+            # at an interior solution the tilted features still vary; a vanishing variance
+            # means the mass piled onto a face of the hull: μ is on its edge, λ infinite
+            scaled = hess / torch.outer(spread, spread)
+            flat = float(torch.linalg.eigvalsh(scaled).min()) < FLAT
+            return Dual(lam, it, not flat, grad)
+        if it == max_iter or bool(((lam * spread).abs() > LAMBDA_LIMIT).any()):
+            break
         hess = hess + 1e-12 * torch.diag(spread**2)  # a flat direction stays finite
         step = -torch.linalg.solve(hess, grad)
         t, slope = 1.0, float(grad @ step)
