@@ -24,6 +24,8 @@ from kldsl.graph import (
     ConstraintExpr,
     Density,
     Model,
+    Moment,
+    MomentCondition,
     Power,
     Prior,
     Product,
@@ -33,11 +35,13 @@ from kldsl.graph import (
     constraint,
     exp,
     indicator,
+    mean,
     prior,
     reward,
 )
 from kldsl.infer import Engine, engines, get_engine, infer
 from kldsl.lm import LM, SampleBatch, ToyLM
+from kldsl.moments import MomentFit, fit_moments
 from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
 from kldsl.registry import resolve
@@ -64,6 +68,9 @@ __all__ = [
     "KldslSyntaxError",
     "KldslTypeError",
     "Model",
+    "Moment",
+    "MomentCondition",
+    "MomentFit",
     "Power",
     "Prior",
     "Product",
@@ -77,12 +84,14 @@ __all__ = [
     "curse",
     "engines",
     "exp",
+    "fit_moments",
     "get_engine",
     "indicator",
     "infer",
     "qrs_sweep",
     "length",
     "load",
+    "mean",
     "offensive",
     "parse",
     "prior",

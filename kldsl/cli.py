@@ -13,12 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from kldsl.errors import KldslError, shorten
+
+if TYPE_CHECKING:
+    from kldsl.graph import Model
 
 
 def _console() -> Console:
@@ -117,13 +120,26 @@ def _clip(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _fit_moments(model: Model, args: argparse.Namespace) -> Model:
+    """``model`` with its ``| mean(φ) == μ`` fitted (:func:`kldsl.fit_moments`, the report
+    printed), or ``model`` itself when it has none."""
+    from kldsl.moments import fit_moments
+    from kldsl.transforms import moments_of
+
+    if not moments_of(model):
+        return model
+    fit = fit_moments(model, n=args.moment_n, seed=args.seed, progress=True, runtime=args.runtime)
+    print(f"distributional constraints fitted (kl.fit_moments):\n{fit.summary()}")
+    return fit.model
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample a .kl model's posterior with any engine and print the diagnostics."""
     from kldsl.infer import infer
     from kldsl.parser import load
 
     console = _console()
-    model = load(args.file)
+    model = _fit_moments(load(args.file), args)
     start = time.perf_counter()
     samples = infer(
         model,
@@ -173,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kldsl.parser import load
 
     console = _console()
-    model = load(args.file)
+    model = _fit_moments(load(args.file), args)
     console.rule(f"[bold]{args.file}")
     print(model.explain())
     base = model.base()
@@ -226,7 +242,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from kldsl.parser import load
 
     console = _console()
-    model = load(args.file)
+    model = _fit_moments(load(args.file), args)
     from kldsl.infer import get_engine
 
     taken = get_engine(args.engine).options()
@@ -301,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=4, help="texts to show (default 4)")
     _add_runtime_flag(p)
+    _add_moment_flag(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sample", help="sample a model's posterior with an engine")
@@ -326,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of weights and rewards here")
     p.add_argument("--show", type=int, default=5, help="best samples to show (default 5)")
     _add_runtime_flag(p)
+    _add_moment_flag(p)
     _add_engine_flags(p, fits=False, own=_SAMPLE_OWN, defaults={})
     p.set_defaults(func=cmd_sample)
 
@@ -349,12 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
     _add_runtime_flag(p)
+    _add_moment_flag(p)
     _add_engine_flags(p, fits=True, own=_FIT_OWN, defaults=_FIT_DEFAULTS)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("engines", help="list the inference engines")
     p.set_defaults(func=cmd_engines)
     return parser
+
+
+def _add_moment_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--moment-n",
+        type=int,
+        default=1024,
+        help="samples that fit the λ of each `| mean(φ) == μ` first (default 1024)",
+    )
 
 
 def _add_runtime_flag(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """The density interpreter: what a model graph's factors mean on a batch of sequences.
 
 A model's factors (:meth:`Model.factors`) form a closed set of nodes: a prior ``Prior``,
-a tempered prior ``Power``, a tilt ``Tilt`` and a hard constraint ``Condition``. Each has
+a tempered prior ``Power``, a tilt ``Tilt``, a hard constraint ``Condition`` and a
+distributional constraint ``MomentCondition`` (which has no pointwise meaning until
+:func:`kldsl.fit_moments` rewrites it into a tilt: :func:`full_values` refuses it). Each has
 a kind (:func:`factors_of`: the base prior, another expert, a tilt, a constraint) and a
 meaning on complete sequences (:func:`full_values`); both are a ``match`` over the node
 kinds that refuses any other node. :func:`log_density` sums the meanings into a
@@ -28,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kldsl.errors import KldslTypeError
+from kldsl.errors import KldslInferenceError, KldslTypeError, shorten
 from kldsl.graph import (
     Condition,
     Constraint,
     ConstraintExpr,
     Density,
     Model,
+    MomentCondition,
     Node,
     Power,
     Prior,
@@ -54,7 +57,8 @@ def unknown_node(node: object, where: str) -> KldslTypeError:
     """The error for a node outside the closed set a ``match`` knows, naming its type."""
     return KldslTypeError(
         f"{where} does not know the node type {type(node).__name__} "
-        f"(`{shown(node)}`); the graph's factors are Prior, Power, Tilt and Condition"
+        f"(`{shown(node)}`); the graph's factors are Prior, Power, Tilt, Condition and "
+        "MomentCondition"
     )
 
 
@@ -87,6 +91,8 @@ def factors_of(model: Model) -> list[Factor]:
                 kind, label = "tilt", str(reward)
             case Condition(_, constraint):
                 kind, label = "constraint", f"1[{constraint}]"
+            case MomentCondition(_, moment):
+                kind, label = "moment", str(moment)
             case _:
                 raise unknown_node(f, "the density interpreter")
         out.append(Factor(f, kind, _unique(seen, label)))
@@ -165,8 +171,20 @@ def full_values(node: Model, batch: Batch) -> Tensor:
             return batch.value(reward).double()
         case Condition(_, constraint):
             return torch.where(batch.value(constraint), 0.0, -math.inf).double()
+        case MomentCondition(_, moment):
+            raise unfitted_error(moment)
         case _:
             raise unknown_node(node, "the density interpreter")
+
+
+def unfitted_error(moment: Node) -> KldslInferenceError:
+    """The error for a distributional constraint met before its λ is fitted."""
+    return KldslInferenceError(
+        f"`{shorten(str(moment))}` is a distributional constraint: it sets a mean over all "
+        "samples, so it has no value on one sample until its λ is fitted. Compile it first: "
+        "`fit = kl.fit_moments(model, n=1024)` and run engines on `fit.model` (the kldsl "
+        "command line does this itself; --moment-n sets its sample size)"
+    )
 
 
 def log_density(
@@ -187,6 +205,9 @@ def log_density(
     """
     base = model.base()
     factors = factors_of(model)
+    for f in factors:  # before anything is scored
+        if isinstance(f.node, MomentCondition):
+            raise unfitted_error(f.node.moment)
     if texts is None:
         texts = reuse.texts if reuse is not None else lm_of(base, lms).texts(sequences)
     memo: dict[Node, Tensor] = {}

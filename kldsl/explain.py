@@ -13,6 +13,7 @@ from kldsl.graph import (
     ConstraintExpr,
     Indicator,
     Model,
+    MomentCondition,
     Node,
     Not,
     Or,
@@ -28,6 +29,7 @@ from kldsl.graph import (
     _num,
     _prior_symbols,
 )
+from kldsl.moments import fit_of
 
 
 def math_reward(expr: RewardExpr) -> str:
@@ -96,9 +98,19 @@ def formula(model: Model) -> str:
                 parts.append(f"exp({math_reward(reward)})")
             case Condition(_, constraint):
                 parts.append(f"1[{math_constraint(constraint)}]")
+            case MomentCondition(_, moment):
+                parts.append(f"exp({_lambda(model, f.node)}·{_paren(moment.feature)})")
             case _:
                 raise unknown_node(f.node, "explain")
     return "p̃(x) = " + "·".join(parts)
+
+
+def _lambda(model: Model, node: MomentCondition) -> str:
+    """λ, or λ₁, λ₂, ... when the model has several distributional constraints."""
+    nodes = [f for f in model.factors() if isinstance(f, MomentCondition)]
+    if len(nodes) == 1:
+        return "λ"
+    return "λ" + "".join("₀₁₂₃₄₅₆₇₈₉"[int(d)] for d in str(nodes.index(node) + 1))
 
 
 def explain(model: Model) -> str:
@@ -107,6 +119,13 @@ def explain(model: Model) -> str:
     symbols = _prior_symbols(model)
     rows: list[tuple[str, str, str, str]] = []
     softened = False
+    fit = fit_of(model)
+    fitted: dict[Node, str] = {}  # the tilts a fit compiled, with their constraint
+    if fit is not None:
+        compiled = [f for f in fit.model.factors() if isinstance(f, Tilt)]
+        declared = {f for f in fit.declared.factors() if isinstance(f, Tilt)}
+        for tilt, moment in zip([t for t in compiled if t not in declared], fit.moments):
+            fitted[tilt] = str(moment)
     for factor in factors_of(model):
         f, kind = factor.node, factor.kind
         match f:
@@ -128,7 +147,9 @@ def explain(model: Model) -> str:
                     f"{leaf}: {leaf.doc}" if leaf.doc else str(leaf)
                     for leaf in dict.fromkeys(leaves(reward))
                 )
-                if any(isinstance(n, Indicator) for n in _nodes(reward)):
+                if f in fitted:
+                    notes += f" (the fitted λ of `{shorten(fitted[f])}`)"
+                elif any(isinstance(n, Indicator) for n in _nodes(reward)):
                     softened = True
                     notes += " (a softened hard constraint: a violation costs, never excludes)"
                 rows.append((f"exp({math_reward(reward)})", kind, f"∈ {_interval(lo, hi)}", notes))
@@ -140,6 +161,11 @@ def explain(model: Model) -> str:
                 if constraint.prefix_closed:
                     notes += " (prefix-closed: a violating prefix can be pruned)"
                 rows.append((f"1[{math_constraint(constraint)}]", kind, "0 or −∞", notes))
+            case MomentCondition(_, moment):
+                phi = math_reward(moment.feature)
+                lam = _lambda(model, f)
+                notes = f"{lam} such that E_p*[{phi}] = {_num(moment.value)}; not fitted yet"
+                rows.append((f"exp({lam}·{_paren(moment.feature)})", kind, "λ·φ", notes))
             case _:
                 raise unknown_node(f, "explain")
     header = ("factor", "kind", "log value", "meaning")
@@ -161,6 +187,16 @@ def explain(model: Model) -> str:
             "Hard constraints put log p̃ = −∞ on violations: Z is then the prior probability of "
             "satisfying them (times the tilt), and KL(p*‖a) ≥ −log Z.",
         ]
+    if any(isinstance(f, MomentCondition) for f in model.factors()):
+        lines += [
+            "",
+            "mean(φ) == μ is a distributional constraint: p* is the distribution closest to "
+            "the pointwise factors' posterior (in KL) whose mean of φ is μ, an exponential tilt "
+            "exp(λ·φ). kl.fit_moments(model, n=...) fits λ and compiles the graph for the "
+            "engines.",
+        ]
+    if fit is not None:
+        lines += ["", f"Fitted from `{shorten(str(fit.declared), 200)}`:", fit.summary()]
     if softened:
         lines += [
             "",

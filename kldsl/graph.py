@@ -582,6 +582,13 @@ class Model(Node):
         return Product(left + right)
 
     def __or__(self, other: Any) -> Model:
+        if isinstance(other, Moment):
+            return MomentCondition(self, other)
+        if isinstance(other, Mean):
+            raise KldslTypeError(
+                f"`| {other}`: a distributional constraint sets the mean to a number, and in "
+                f"Python `|` binds tighter than `==`: write `model | ({other} == 0.5)`"
+            )
         if isinstance(other, RewardExpr):
             raise KldslTypeError(
                 f"`| {shown(other)}`: `|` conditions on a constraint, and `{shown(other)}` is a "
@@ -677,8 +684,9 @@ def _prior_symbols(model: Model) -> dict[Prior, str]:
 
 
 #: The kinds of factor of p̃: the base prior, another (product-of-experts) prior, a tilt
-#: exp(r) and a hard constraint 1[c].
-KINDS = ("prior", "expert", "tilt", "constraint")
+#: exp(r), a hard constraint 1[c] and a distributional constraint mean(φ) == μ (a tilt
+#: exp(λ·φ) once λ is fitted, :func:`kldsl.fit_moments`).
+KINDS = ("prior", "expert", "tilt", "constraint", "moment")
 
 
 @dataclass(frozen=True, eq=False)
@@ -867,6 +875,115 @@ class Condition(Model):
         return [*self.model.factors(), self]
 
 
+class Mean:
+    """``mean(φ)``: the posterior mean of a reward φ, to be set by ``== μ``.
+
+    Not a node: ``mean(φ) == μ`` makes the :class:`Moment` that ``model | ...`` takes.
+    """
+
+    __slots__ = ("feature",)
+    __hash__ = None  # type: ignore[assignment]  # == builds a Moment, so no hashing
+
+    def __init__(self, feature: RewardExpr):
+        self.feature = feature
+
+    def __eq__(self, value: Any) -> Moment:  # type: ignore[override]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            what = f"`{shown(value)}`" if isinstance(value, Node | Mean) else shown(value)
+            raise KldslTypeError(
+                f"`{self} == μ` sets the posterior mean of `{shown(self.feature)}` to a number "
+                f"μ; got {what}"
+            )
+        return Moment(self.feature, float(value))
+
+    def __ne__(self, value: Any) -> Any:
+        raise KldslTypeError(f"`{self}` can only be set equal to a number: `{self} == μ`")
+
+    __lt__ = __le__ = __gt__ = __ge__ = __ne__
+
+    def __ror__(self, other: Any) -> Any:
+        raise KldslTypeError(
+            f"`... | {self}`: in Python `|` binds tighter than `==`; parenthesise each "
+            f"distributional constraint: `model | ({self} == μ)`"
+        )
+
+    def __str__(self) -> str:
+        return f"mean({self.feature})"
+
+    __repr__ = __str__
+
+
+@dataclass(frozen=True)
+class Moment(Node):
+    """The distributional constraint ``mean(φ) == μ``: E_p*[φ(x)] = μ over the posterior.
+
+    ``model | moment`` is a :class:`MomentCondition`. μ must lie strictly inside φ's
+    declared bounds (at a bound the constraint is a hard one: write ``| c`` instead).
+    """
+
+    feature: RewardExpr
+    value: float
+
+    def __post_init__(self) -> None:
+        _finite(self.value, lambda: f"μ in `mean({shown(self.feature)}) == μ`")
+        lo, hi = self.feature.bounds()
+        if not lo < self.value < hi:
+            hint = ""
+            if isinstance(self.feature, Indicator) and self.value in (lo, hi):
+                c = self.feature.constraint
+                hard = shown(c) if self.value == hi else shown(Not(c))
+                hint = f"; a rate of exactly {_num(self.value)} is the hard constraint `| {hard}`"
+            raise KldslTypeError(
+                f"`mean({shown(self.feature)}) == {_num(self.value)}`: the feature's values lie "
+                f"in [{lo:g}, {hi:g}], so its mean can only be set strictly inside "
+                f"({lo:g}, {hi:g}){hint}"
+            )
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.feature,)
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"mean({self.feature}) == {_num(self.value)}", P_NOT
+
+    def __or__(self, other: Any) -> Any:
+        raise KldslTypeError(
+            f"`{self} | ...`: a distributional constraint conditions a model: "
+            f"write `prior(...) | {self}`"
+        )
+
+    __and__ = __ror__ = __rand__ = __or__
+
+
+@dataclass(frozen=True)
+class MomentCondition(Model):
+    """``model | mean(φ) == μ``: the I-projection of ``model`` onto E[φ] = μ.
+
+    Its meaning is the factor exp(λ·φ(x)) with λ chosen so that the posterior mean of φ is
+    μ: it has no pointwise value until :func:`kldsl.fit_moments` fits λ and rewrites the
+    node into that tilt.
+    """
+
+    model: Model
+    moment: Moment
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.moment, Moment):
+            raise KldslTypeError(
+                f"a moment condition takes `mean(φ) == μ`; got {shown(self.moment)}"
+            )
+        super().__post_init__()
+
+    def _children(self) -> tuple[Any, ...]:
+        return (self.model, self.moment)
+
+    def _fmt(self) -> tuple[str, int]:
+        return f"{_wrap(self.model, P_COND)} | {_wrap(self.moment, P_OR)}", P_COND
+
+    def factors(self) -> list[Model]:
+        return [*self.model.factors(), self]
+
+
 def _scalar(value: Any, message: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         what = f"`{shown(value)}`" if isinstance(value, Node) else shown(value)
@@ -924,6 +1041,33 @@ def indicator(constraint: ConstraintExpr) -> Indicator:
         'exp(indicator(not curse) * 2.0)'
     """
     return Indicator(constraint)
+
+
+def mean(feature: RewardExpr) -> Mean:
+    """The posterior mean of a reward; ``model | mean(φ) == μ`` sets it to μ.
+
+    A constraint's rate is the mean of its indicator. In Python, parenthesise the
+    comparison (``|`` binds tighter than ``==``). Fit the constraint with
+    :func:`kldsl.fit_moments` before inference.
+
+    Example:
+        >>> from kldsl.builtins import contains
+        >>> str(prior("smollm2") | (mean(indicator(contains("she"))) == 0.5))
+        'prior(smollm2) | mean(indicator(contains("she"))) == 0.5'
+    """
+    if isinstance(feature, ConstraintExpr):
+        raise KldslTypeError(
+            f"mean() takes a reward, but `{shown(feature)}` is a constraint; its rate is "
+            f"the mean of its indicator: `mean(indicator({shown(feature)}))`"
+        )
+    if isinstance(feature, Model):
+        raise KldslTypeError(f"mean() takes a reward, but `{shown(feature)}` is a model")
+    if not isinstance(feature, RewardExpr):
+        raise KldslTypeError(
+            f"mean() takes a reward (a built-in such as `sentiment`, `indicator(c)` of a "
+            f"constraint, or a function decorated with @kl.reward); got {shown(feature)}"
+        )
+    return Mean(feature)
 
 
 def reward(

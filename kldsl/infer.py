@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kldsl import budget
+from kldsl.density import unfitted_error
 from kldsl.errors import KldslError, KldslNameError
 from kldsl.graph import Model
 from kldsl.lm import LM, make_generator
+from kldsl.moments import fit_of
 from kldsl.registry import check_runtime, resolve
 from kldsl.sink import Sink
 from kldsl.target import Target
+from kldsl.transforms import moments_of
 
 if TYPE_CHECKING:
     from kldsl.fit import Fit
@@ -245,6 +248,10 @@ def infer(
     of its own (``variational``'s ``output_dir``) gets ``resume`` and ``overwrite`` itself.
     Runs whose samples or batches would not fit in memory fail before they start
     (:mod:`kldsl.budget`).
+
+    A model with distributional constraints (``| mean(φ) == μ``) is refused until its λ
+    is fitted: run the engine on ``kl.fit_moments(model, ...).model``; the fit's numbers
+    then appear in the result's ``info["moment_fit"]``.
     """
     if not isinstance(model, Model):
         raise KldslError(f"infer() takes a model graph; got {type(model).__name__}")
@@ -284,6 +291,9 @@ def infer(
     if resume and out is not None and not isinstance(seed, int):
         raise KldslError(f"resume=True needs the integer seed of the run to continue, got {seed!r}")
     model.check()
+    unfitted = moments_of(model)
+    if unfitted:  # explicit: λ comes from kl.fit_moments, whose report the user sees
+        raise unfitted_error(unfitted[0])
     if chosen.batched:
         budget.check_samples(model, n)  # before anything is loaded or written
     sink = None
@@ -313,6 +323,9 @@ def infer(
             **options,
         )
         ok = True
+        fitted = fit_of(model)
+        if fitted is not None:  # a graph kl.fit_moments compiled: say how λ was fitted
+            result.info["moment_fit"] = fitted.info()
         return result
     finally:
         if sink is not None:

@@ -57,6 +57,7 @@ FACTORIES: dict[str, Callable[..., Any]] = {
     "prior": graph.prior,
     "exp": graph.exp,
     "indicator": graph.indicator,
+    "mean": graph.mean,
     **BUILTIN_FACTORIES,
 }
 
@@ -219,7 +220,7 @@ def _label(err: UnexpectedInput, before: str, source_line: str, column: int) -> 
     token = err.token if isinstance(err, UnexpectedToken) else None
     end = token is None or token.type in ("_NL", "$END")
     got = "end of line" if end else shorten(repr(str(token)))
-    for op in ("**", "*", "/", "+", "-", "|", "=", ",", "not", "and", "or", "("):
+    for op in ("**", "*", "/", "+", "-", "|", "==", "=", ",", "not", "and", "or", "("):
         if before.endswith(op) and (op.isalpha() is False or before[: -len(op)][-1:] in " (|"):
             if op == "(" and token is not None and token.type == "RPAR":
                 return "empty parentheses"
@@ -228,6 +229,8 @@ def _label(err: UnexpectedInput, before: str, source_line: str, column: int) -> 
             return f"missing operand after {op!r}"
     if token is not None and token.type == "RPAR":
         return "unbalanced ')': no '(' to close"
+    if token is not None and str(token) == "==":
+        return "`==` does not chain: write each `mean(φ) == μ` as a condition of its own"
     expected = set(getattr(err, "expected", ()) or ())
     if "RPAR" in expected and (token is None or token.type in ("_NL", "$END")):
         return "missing ')': a '(' is not closed on this line"
@@ -245,6 +248,10 @@ def _kind(value: Any) -> str:
         return "a model" if value.priors() else "a factor with no prior"
     if isinstance(value, RewardExpr):
         return "a reward"
+    if isinstance(value, graph.Mean):
+        return "a mean (set it with `== μ`)"
+    if isinstance(value, graph.Moment):
+        return "a distributional constraint"
     if isinstance(value, ConstraintExpr):
         return "a constraint"
     if isinstance(value, LM):
@@ -478,6 +485,9 @@ class _Evaluator(Transformer_NonRecursive):
                 f"with `or`: `{a} or {b}`"
             )
             raise self._located(err, meta)
+        if isinstance(right, graph.Mean):
+            err = KldslTypeError(f"`| {right}`: set the mean to a number: `| {right} == μ`")
+            raise self._located(err, meta)
         if not isinstance(left, Model):
             raise self._located(
                 KldslTypeError(
@@ -504,8 +514,33 @@ class _Evaluator(Transformer_NonRecursive):
             )
         return self._apply(meta, lambda c: ~c, value)
 
+    def eq(self, meta: Any, children: list[Any]) -> Any:
+        left, right = children
+        if not isinstance(left, graph.Mean):
+            if isinstance(left, RewardExpr):
+                hint = f"write `mean({shown(left)}) == ...`"
+            elif isinstance(left, ConstraintExpr):
+                hint = f"a constraint's rate is `mean(indicator({shown(left)})) == ...`"
+            else:
+                hint = "write `mean(φ) == μ` with a reward φ"
+            err = KldslTypeError(
+                f"`==` sets the posterior mean of a reward, but its left is {_kind(left)}; {hint}"
+            )
+            raise self._located(err, meta)
+        if isinstance(right, bool) or not isinstance(right, int | float):
+            err = KldslTypeError(
+                f"`{left} == ...` sets the mean to a number μ, not to {_kind(right)}"
+            )
+            raise self._located(err, meta)
+        return self._apply(meta, lambda a, b: a == b, left, right)
+
     @staticmethod
     def _logic(op: str, left: Any, right: Any) -> Any:
+        if any(isinstance(side, graph.Moment) for side in (left, right)):
+            raise KldslTypeError(
+                f"`{op}` combines pointwise constraints; a distributional constraint is a "
+                "condition of its own: `model | mean(φ1) == 0.5 | mean(φ2) == 0.2`"
+            )
         for side in (left, right):
             if not isinstance(side, ConstraintExpr):
                 raise KldslTypeError(f"`{op}` combines constraints, but one side is {_kind(side)}")

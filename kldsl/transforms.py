@@ -5,6 +5,10 @@
   excluding x. It is the one finite-penalty target of the engines that need one (reverse
   KL, Pyro SVI, ``to_pyro(penalty=)``); :func:`warn_softened` is their warning.
 - :func:`with_prompt` conditions every prior on another prompt (CDPG's p̃(x|c)).
+- :func:`compile_moments` replaces every distributional constraint ``| mean(φ) == μ`` by
+  the tilt ``exp(φ * λ)`` with its fitted λ (:func:`kldsl.fit_moments` fits λ);
+  :func:`strip_moments` drops them (the pointwise model the fit samples from) and
+  :func:`moments_of` lists them.
 
 Example:
     >>> import kldsl as kl
@@ -28,6 +32,8 @@ from kldsl.graph import (
     ConstraintExpr,
     Indicator,
     Model,
+    Moment,
+    MomentCondition,
     Not,
     Power,
     Prior,
@@ -58,6 +64,8 @@ def _soften(model: Model, penalty: float) -> Model:
             return functools.reduce(operator.mul, (_soften(t, penalty) for t in terms))
         case Condition(inner, constraint):
             return _soften(inner, penalty) * Tilt(RMul(Indicator(_negated(constraint)), -penalty))
+        case MomentCondition(inner, moment):
+            return MomentCondition(_soften(inner, penalty), moment)
         case _:
             raise unknown_node(model, "soften()")
 
@@ -93,9 +101,45 @@ def with_prompt(model: Model, prompt: str) -> Model:
             return dataclasses.replace(model, prior=with_prompt(prior, prompt))
         case Product(terms):
             return Product(tuple(with_prompt(t, prompt) for t in terms))
-        case Condition(inner, _):
+        case Condition(inner, _) | MomentCondition(inner, _):
             return dataclasses.replace(model, model=with_prompt(inner, prompt))
         case Tilt():
             return model  # a tilt does not see the prompt
         case _:
             raise unknown_node(model, "with_prompt()")
+
+
+def moments_of(model: Model) -> list[Moment]:
+    """The distributional constraints ``mean(φ) == μ`` of ``model``, in factor order."""
+    return [f.moment for f in model.factors() if isinstance(f, MomentCondition)]
+
+
+def strip_moments(model: Model) -> Model:
+    """``model`` without its distributional constraints: a(x)·[pointwise factors]."""
+    return compile_moments(model, {})
+
+
+def compile_moments(model: Model, lambdas: dict[Moment, float]) -> Model:
+    """``model`` with each ``| mean(φ) == μ`` replaced by ``* exp(φ * λ)``, λ = ``lambdas[m]``
+    (a moment missing from ``lambdas`` is dropped: :func:`strip_moments`).
+
+    Example:
+        >>> import kldsl as kl
+        >>> m = kl.prior(kl.ToyLM(), max_tokens=3) | (kl.mean(kl.length) == 2)
+        >>> str(compile_moments(m, {moments_of(m)[0]: 0.5}))
+        'prior(toy, max_tokens=3) * exp(length * 0.5)'
+    """
+    match model:
+        case Prior() | Power() | Tilt():
+            return model
+        case Product(terms):
+            return functools.reduce(operator.mul, (compile_moments(t, lambdas) for t in terms))
+        case Condition(inner, constraint):
+            return compile_moments(inner, lambdas) | constraint
+        case MomentCondition(inner, moment):
+            compiled = compile_moments(inner, lambdas)
+            if moment not in lambdas:
+                return compiled
+            return compiled * Tilt(RMul(moment.feature, float(lambdas[moment])))
+        case _:
+            raise unknown_node(model, "compile_moments()")

@@ -257,7 +257,7 @@ class Program:
         """A model: it always holds a prior (at the front or further on)."""
         text, prec = self.prior()
         for _ in range(self.draw(st.integers(0, 3))):
-            kind = self.draw(st.integers(0, 2))
+            kind = self.draw(st.integers(0, 3))
             if kind == 0:
                 f = self.factor(depth)
                 text, prec = (
@@ -270,13 +270,32 @@ class Program:
                     self.op(self.wrap(f, P_PROD), "*", self.wrap((text, prec), P_NEG)),
                     P_PROD,
                 )
-            else:
+            elif kind == 2:
                 c = self.constraint(depth)
                 text, prec = (
                     self.op(self.wrap((text, prec), P_COND), "|", self.wrap(c, P_OR)),
                     P_COND,
                 )
+            else:
+                m = self.moment(depth)
+                text, prec = (
+                    self.op(self.wrap((text, prec), P_COND), "|", self.wrap(m, P_OR)),
+                    P_COND,
+                )
         return text, prec
+
+    def moment(self, depth: int) -> tuple[str, int]:
+        """``mean(φ) == μ`` with μ inside φ's bounds: a rate of a constraint, or a length."""
+        if self.draw(st.booleans()):
+            feature = f"indicator({self.draw(TIGHT)}{self.constraint(depth)[0]})"
+            mu = self.draw(st.sampled_from(["0.5", ".25", "0.75", "1 / 4", "3e-1", "1 - 0.1"]))
+        else:
+            feature = self.draw(st.sampled_from(["length", "length * 2", "-length"]))
+            mu = self.draw(st.sampled_from(["1", "2.5", "0.5"]))
+            if feature == "-length":
+                mu = f"-{mu}"
+        mean = f"mean({self.draw(TIGHT)}{feature}{self.draw(TIGHT)})"
+        return self.op(mean, "==", mu), P_NOT
 
 
 LINE_ENDS = ["\n", "\n", "\n", "\r\n", "\n\n", "  # a comment\n", '\n# ünï "x" = 1\n\t\n']
@@ -320,6 +339,7 @@ def test_valid_programs_parse_and_round_trip(text):
 
 TOKENS = [
     *["prior", "exp", "sentiment", "offensive", "length", "curse", "contains", "regex"],
+    *["mean", "indicator", "=="],
     *["reward_model", "smollm2", "toy", "x", "β", "__import__", "eval", "lambda", "__class__"],
     *["not", "and", "or", "nota", "(", ")", ",", "=", "|", "*", "/", "+", "-", "**", "."],
     *["0", "1", "2.5", ".5", "3.", "1e999", "1e-400", "9" * 400, "0" * 40 + "7", "1e308"],

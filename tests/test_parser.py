@@ -1,5 +1,6 @@
 """The text front-end: same graph as Python, printing round trips, located errors."""
 
+import math
 import re
 from pathlib import Path
 
@@ -120,15 +121,38 @@ factors = st.one_of(
 )
 
 
+def moment(feature: kl.RewardExpr, u: float) -> kl.Moment:
+    """``mean(feature) == μ`` with μ strictly inside the feature's bounds (``u`` in (0, 1))."""
+    lo, hi = feature.bounds()
+    if math.isinf(lo) and math.isinf(hi):
+        mu = u - 0.5
+    elif math.isinf(hi):
+        mu = lo + u
+    elif math.isinf(lo):
+        mu = hi - u
+    else:
+        mu = lo + (hi - lo) * u
+    return kl.mean(feature) == mu
+
+
+moments = st.builds(
+    moment,
+    st.one_of(rewards, st.builds(kl.indicator, constraints)),
+    st.sampled_from([0.25, 0.5, 0.1]),
+)
+
+
 @st.composite
 def models(draw):
     model = draw(priors)
     for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["mul", "cond", "lmul"]))
+        kind = draw(st.sampled_from(["mul", "cond", "lmul", "moment"]))
         if kind == "mul":
             model = model * draw(factors)
         elif kind == "lmul":
             model = draw(st.builds(kl.exp, rewards)) * model
+        elif kind == "moment":
+            model = model | draw(moments)
         else:
             model = model | draw(constraints)
     return model
@@ -157,6 +181,8 @@ def test_print_parse_round_trip(model):
         ("m = prior(toy) | !curse\n", "write `not`", 1, 18),
         ("m = prior(toy) | curse & short\n", "write `and`", 1, 24),
         ('m = prior(toy, prompt="abc)\n', "unterminated string", 1, 23),
+        ("m = prior(toy) | mean(happy) ==\n", "missing operand after '=='", 1, 31),
+        ("m = prior(toy) | mean(happy) == 1 == 2\n", "`==` does not chain", 1, 35),
     ],
 )
 def test_syntax_errors_point_at_line_and_column(src, label, line, column):
@@ -199,6 +225,13 @@ def test_unknown_names_suggest_the_closest():
         ("m = prior(toy, max_token=3)", "unexpected keyword argument 'max_token'"),
         ("m = prior(toy) ** prior(toy)", "a prior is tempered by a number"),
         ("m = prior(toy) ** 0.5 ** happy", "tempers a prior"),
+        ("m = prior(toy) | mean(curse) == 0.5", "`mean(indicator(curse))`"),
+        ("m = prior(toy) | curse == 0.5", "`mean(indicator(curse)) == ...`"),
+        ("m = prior(toy) | happy == 0.5", "write `mean(happy) == ...`"),
+        ("m = prior(toy) | mean(happy)", "`| mean(happy) == μ`"),
+        ('m = prior(toy) | mean(happy) == "a"', "sets the mean to a number"),
+        ("m = prior(toy) | mean(offensive) == 2", "strictly inside (0, 1)"),
+        ("m = prior(toy) | mean(happy) == 1 and mean(happy) == 2", "a condition of its own"),
     ],
 )
 def test_type_errors_are_located(src, message):
