@@ -47,6 +47,7 @@ SETTINGS = (
     "swap_z",
     "swap_every",
     "swap_samples",
+    "swap_min_ess",
     "base_seed",
 )
 _LABELS = {"base_seed": "base_seed (drawn from seed)", "proposal": "proposal (the start LM)"}

@@ -72,8 +72,9 @@ def test_defaults_bring_pi_closer_to_p_star_at_small_z(objective, sampler, targe
             **budget,
         )
     after = exact_divergences(fit.model, model)["kl_p_pi"]
-    # measured (seed 0): z_01 4.55 → 0.6–0.9 (importance), 2.2 (rejection, 10 steps);
-    # z_001 6.98 → 2.1–3.5 (importance), 3.6 (rejection). 0.8× leaves room for other seeds.
+    # measured (benchmarks/objectives.py, 3 seeds, importance): z_01 4.55 → 0.66 forward_kl,
+    # 0.99 js; z_001 6.98 → 2.12, 2.44 (worst seeds 2.42, 2.95); rejection at this budget
+    # (10 steps × 16): 2.2 and 3.6. 0.8× the start leaves room for any seed.
     assert after < 0.8 * before
     assert fit.info["sampler"] == sampler
 
@@ -163,10 +164,10 @@ def test_the_swap_rule_never_replaces_q_by_a_worse_pi():
             q.score(ids),
             pi.score(ids),
             z=2.0,
-            min_ess=v.SWAP_MIN_ESS,
+            min_ess=4.0,  # the default swap_min_ess
         )
         evidence += int(found["replace"])
-    assert one_batch >= 10  # measured 25 of 200: the noisy comparison swaps to a worse π
+    assert one_batch >= 10  # measured 23 of 200: the noisy comparison swaps to a worse π
     assert evidence == 0
 
 
@@ -193,7 +194,7 @@ def test_each_proposal_update_is_recorded_with_its_evidence():
     replaced = [r for r in fit.history if r["proposal_replaced"] == 1.0]
     assert len(replaced) == fit.info["proposal_updates"] > 0
     for r in replaced:
-        assert r["swap/ess"] >= v.SWAP_MIN_ESS and r["swap/gain"] > 2.0 * r["swap/se"]
+        assert r["swap/ess"] >= 4.0 and r["swap/gain"] > 2.0 * r["swap/se"]
     assert all(r["draws"] == 32 + (128 if "swap/gain" in r else 0) for r in fit.history)
 
 
