@@ -8,14 +8,49 @@ a is the untouched base prior (π trains on a copy; it is never tempered).
   per-sequence reward R = log p̃(x) − log π(x) and a leave-one-out baseline b. A hard
   constraint has R = −∞ on violations, so reverse KL fits ``kl.transforms.soften(model,
   penalty)`` (a warning says so): π then targets a·exp(r/β)·exp(−penalty·[violation]).
-- ``forward_kl``: KL(p*‖π), DPG/GDC (Khalifa et al. 2021). Samples from a frozen proposal q,
-  gradient −E_q[(p̃/(Ẑq) − π/q)∇log π] (the π/q baseline of Korbak et al. 2022 has mean
-  zero), Ẑ the running mean of every weight p̃/q drawn so far. q is a copy of π replaced
-  only when its estimated KL(p*‖q) is worse than π's (estimated on the step's draws, before
-  the update). The default when the model has hard constraints.
+- ``forward_kl``: KL(p*‖π), DPG/GDC (Khalifa et al. 2021): ∇KL(p*‖π) = −E_p*[∇log π],
+  estimated on training samples of p* that are properly weighted, E[w·h(x)] = Z·E_p*[h],
+  and self-normalised: gradient −Σ w̄_i ∇log π(x_i), w̄_i = w_i/Σ_j w_j. ``sampler`` names
+  the sampling engine that makes them, any registered one (``kl.engines()``):
+
+  * ``"importance"`` (the default): x ~ q, a frozen copy of π (the start LM at first),
+    w = p̃/q, minus the zero-mean π/q baseline (E_q[(π/q)∇log π] = Σ ∇π = 0; ``baseline``);
+  * ``"rejection"``: exact samples of p* from the prior, equal weights, so the gradient is
+    plain maximum likelihood on them, −(1/n)Σ∇log π(x_i); each costs about 1/Z prior draws;
+  * any other engine (``"smc"``, ``"qrs"``, ...): its samples and weights, run as
+    ``kl.infer(model, engine=sampler, n=batch_size / shards)`` would (the prior as its
+    proposal; ``sampler_options`` are its options).
+
+  The default when the model has hard constraints.
 - ``js``: Jensen–Shannon, the f-DPG member (Go et al. 2023) with f(t) = ½[t log t −
-  (1+t) log((1+t)/2)]: gradient E_q[(π/q)(f′(π/p*) − b)∇log π], f′(t) = ½ log(2t/(1+t)),
-  the same proposal and running Ẑ as ``forward_kl``, and a leave-one-out baseline b.
+  (1+t) log((1+t)/2)]. ∇JS = E_π[(f′(π/p*) − b)∇log π] for any constant b; b = f′(∞) =
+  ½ log 2 cancels every term outside p*'s support, which leaves an expectation under p*:
+  ∇JS = −½E_p*[(π/p*) softplus(log p*/π) ∇log π], estimated with the same weights w̄ as
+  ``forward_kl`` and the running Ẑ in p* = p̃/Ẑ (so every sampler serves ``js`` too).
+
+Low ESS. At small Z a batch of q's draws holds a hit or none, and the weights have an ESS
+of 1 or 0. Self-normalised, a batch without a hit gives no gradient at all (a running-Ẑ
+estimate would still apply the π/q baseline, zero-mean noise that drifts π away from q),
+and one hit gives one maximum-likelihood step on it: the weights W sum to n, so the p*
+term of a step is never larger than maximum likelihood on the batch. ``min_ess`` additionally skips the optimizer step of a batch whose
+ESS is below it; measured on the exact targets below it only slows training (Adam's
+momentum carries a useful direction over an empty batch), so the default 0 never skips.
+
+Proposal updates (importance sampler). Every ``swap_every`` steps, before the update,
+``swap_samples`` fresh draws, half from q and half from π, estimate the gain G =
+KL(p*‖q) − KL(p*‖π) = E_p*[log π − log q] (log Z cancels) with weights p̃/(½q + ½π), and
+its standard error; q ← π only when G > ``swap_z``·SE on weights with an ESS of at least
+``swap_min_ess`` (a standard error from one or two hits is itself noise), never on the
+training batch's own comparison. Every test's gain, SE and ESS is in the step's metrics
+(``swap/gain``, ``swap/se``, ``swap/ess``), its decision in ``proposal_replaced``.
+
+Measured on exact ToyLM targets (``python -m benchmarks.objectives``: KL(p*‖π) after 40
+steps at lr 0.1, mean of 3 seeds; Z = 0.011 with batches of 32, from 4.55 nat; Z =
+0.00093 with batches of 128, from 6.98 nat), forward_kl: the defaults 0.66 / 2.12;
+skipping steps with ESS < 1 1.08 / 4.69; replacing q whenever one fresh batch favours π
+0.73 / 1.94 — no better on these targets, and it swaps on noise: in a constructed case it
+prefers a π that is 0.35 nat worse in 23 of 200 batches, the evidence rule in none
+(tests/test_forward_kl.py).
 
 Any LM that is a ``torch.nn.Module`` (like ``ToyLM``) or holds one in ``.model`` (like
 ``HFLM``) and has a differentiable ``log_prob`` can be fine-tuned, fully or, with
@@ -71,12 +106,21 @@ from kldsl.backends.variational_state import (
 )
 from torch import Tensor
 
+from kldsl import weights
 from kldsl.errors import KldslInferenceError
-from kldsl.estimators import OBJECTIVES, Batch, coefficients, mean_dicts, metrics
+from kldsl.estimators import (
+    OBJECTIVES,
+    Batch,
+    coefficients,
+    mean_dicts,
+    metrics,
+    sample_metrics,
+    swap_evidence,
+)
 from kldsl.fit import Fit, json_safe
 from kldsl.graph import Model
-from kldsl.infer import Engine
-from kldsl.lm import LM, torch_module
+from kldsl.infer import Engine, get_engine
+from kldsl.lm import LM, make_generator, torch_module
 from kldsl.progress import bar
 from kldsl.target import Draw, Target, write_jsonl
 from kldsl.transforms import warn_softened, with_prompt
@@ -211,8 +255,17 @@ class Trainer:
     conditional: bool  # prompts= given (CDPG): each shard draws a prompt, a group of its own
     baseline: bool
     max_grad_norm: float | None
+    sampler: str  # the engine of forward_kl/js's training draws ("importance": from q)
+    sampler_engine: Engine | None  # that engine, None when the draws are made here (π or q)
+    sampler_options: dict[str, Any]
+    min_ess: float
+    swap_z: float
+    swap_every: int
+    swap_samples: int
+    swap_min_ess: float
     models: dict[int, Model] = field(default_factory=dict)  # the graph for each prompt
     soft_models: dict[int, Model] = field(default_factory=dict)  # and the softened one
+    sampler_targets: dict[int, Target] = field(default_factory=dict)  # the sampler's, per prompt
 
     @property
     def world(self) -> int:
@@ -247,6 +300,14 @@ class Trainer:
             size = self.shard_size
             return [slice(g * size, (g + 1) * size) for g in range(self.shards)]
         return [slice(0, self.batch_size)]
+
+    def sampler_target(self, k: int) -> Target:
+        """What the sampling engine runs on for prompt k: the model graph, the prior as its
+        proposal (as ``kl.infer(model, engine=sampler)`` would), the LMs already loaded."""
+        if k not in self.sampler_targets:
+            model, _ = self.graphs(k)
+            self.sampler_targets[k] = Target(model, runtime=self.target.runtime)
+        return self.sampler_targets[k]
 
     def graphs(self, k: int) -> tuple[Model, Model | None]:
         """The model graph conditioned on prompt k, and its softened graph (or None)."""
@@ -297,17 +358,31 @@ def setup(
     accelerator: Any,
     name: str | None,
     prompts: Sequence[str] | str | os.PathLike[str] | None,
+    sampler: str = "importance",
+    sampler_options: dict[str, Any] | None = None,
+    min_ess: float = 0.0,
+    swap_z: float = 2.0,
+    swap_every: int = 4,
+    swap_samples: int | None = None,
+    swap_min_ess: float = 4.0,
 ) -> Trainer:
     """π (a copy of the start LM: the prior, or the given proposal), q (a frozen copy of π
-    sharing its frozen weights; off-policy objectives only), Adam, the accelerator (yours,
-    or one on π's device) and the layout of a batch over shards and processes."""
+    sharing its frozen weights; off-policy objectives with the importance sampler only),
+    Adam, the accelerator (yours, or one on π's device) and the layout of a batch over
+    shards and processes."""
+    sampler_engine = _sampler_engine(objective, sampler)
+    if swap_every < 1 or (swap_samples is not None and swap_samples < 2):
+        raise KldslInferenceError(
+            f"swap_every must be ≥ 1 and swap_samples ≥ 2, got {swap_every} and {swap_samples}"
+        )
     start_lm = target.proposal  # the prior, or a given LM to continue from (e.g. fit.model)
     policy = make_policy(start_lm, lora, name)
     pi_module = module_of(policy)
     pi_params = _trainable(pi_module)
     if not pi_params:
         raise KldslInferenceError(f"{start_lm.name} has no trainable parameters")
-    proposal = None if objective == "reverse_kl" else _clone(policy, share="frozen")
+    off_policy = objective != "reverse_kl" and sampler_engine is None
+    proposal = _clone(policy, share="frozen") if off_policy else None
     q_params = None
     if proposal is not None:
         q_module = module_of(proposal)
@@ -343,7 +418,34 @@ def setup(
         conditional=conditional,
         baseline=baseline,
         max_grad_norm=max_grad_norm,
+        sampler=sampler,
+        sampler_engine=sampler_engine,
+        sampler_options=dict(sampler_options or {}),
+        min_ess=min_ess,
+        swap_z=swap_z,
+        swap_every=swap_every,
+        swap_samples=swap_samples or swap_every * batch_size,
+        swap_min_ess=swap_min_ess,
     )
+
+
+def _sampler_engine(objective: str, sampler: str) -> Engine | None:
+    """The registered sampling engine forward_kl/js draw from (None: importance from q,
+    drawn here in seeded shards); a fitting engine or a sampler for reverse_kl is refused."""
+    if sampler == "importance":
+        return None
+    if objective == "reverse_kl":
+        raise KldslInferenceError(
+            f"sampler={sampler!r}: reverse_kl learns from π's own draws; sampler= chooses "
+            "the training draws of forward_kl and js"
+        )
+    engine_ = get_engine(sampler)  # an unknown name lists the registered engines
+    if engine_.fits:
+        raise KldslInferenceError(
+            f"sampler={sampler!r} is a fitting engine; pass a sampling engine (importance, "
+            "rejection, smc, ...) whose samples forward_kl and js learn from"
+        )
+    return engine_
 
 
 def init(tr: Trainer, generator: torch.Generator, *, lr: float, lora: Any) -> State:
@@ -363,6 +465,13 @@ def init(tr: Trainer, generator: torch.Generator, *, lr: float, lora: Any) -> St
         "penalty": tr.penalty,
         "baseline": tr.baseline,
         "max_grad_norm": tr.max_grad_norm,
+        "sampler": tr.sampler,
+        "sampler_options": tr.sampler_options,
+        "min_ess": tr.min_ess,
+        "swap_z": tr.swap_z,
+        "swap_every": tr.swap_every,
+        "swap_samples": tr.swap_samples,
+        "swap_min_ess": tr.swap_min_ess,
         "base_seed": int(torch.randint(0, 2**62, (), generator=generator)),
     }
     settings = json.loads(json.dumps(json_safe(settings)))
@@ -423,59 +532,166 @@ def _draw(tr: Trainer, state: State) -> tuple[list[Batch], list[Tensor]]:
     return batches, log_pis
 
 
+def _draw_sampler(tr: Trainer, state: State) -> tuple[list[Batch], list[Tensor]]:
+    """Like :func:`_draw`, with each shard's training draws made by the sampling engine
+    ``tr.sampler`` (its seed the shard's, so ``kl.infer(model, engine=sampler, n=shard
+    size, seed=that seed)`` gives the same samples): weighted samples of p*, log s the
+    implied log p̃ − log w, and the engine's Ẑ and proposals spread over its rows."""
+    assert tr.sampler_engine is not None
+    target = tr.target
+    batches: list[Batch] = []
+    log_pis: list[Tensor] = []
+    for shard in tr.mine:
+        k = _prompt_index(state.base_seed, state.step, shard, len(tr.prompts))
+        prompt = tr.prompts[k]
+        seed = _shard_seed(state.base_seed, state.step, shard)
+        options = dict(tr.sampler_options)
+        samples = tr.sampler_engine.run(
+            tr.sampler_target(k),
+            n=tr.shard_size,
+            generator=make_generator(seed),
+            batch_size=options.pop("batch_size", tr.batch_size),
+            progress=False,
+            **options,
+        )
+        rows = len(samples)
+        log_w = samples.log_weights.double()
+        log_p = samples.log_p.double()
+        log_s = torch.where(torch.isfinite(log_w), log_p - log_w, torch.zeros_like(log_w))
+        log_a = target.lm.score(samples.ids, prompt=prompt).double()
+        log_pi = tr.policy.log_prob(samples.ids, prompt=prompt)
+        if tr.main and target.sink is not None:
+            write_jsonl(Draw(samples.ids, log_s, samples), target.sink)  # type: ignore[arg-type]
+        log_mass = samples.log_z + math.log(samples.n_proposed / rows)  # Σ p̃/s = Ẑ·draws
+        batches.append(
+            Batch.of(
+                samples,
+                log_p_penalized=log_p,
+                log_s=log_s,
+                log_pi=log_pi.detach().double().cpu(),
+                log_a=log_a,
+                ids=samples.ids,
+                prompt=k,
+                draws=torch.full((rows,), samples.n_proposed / rows, dtype=torch.float64),
+                log_mass=torch.full((rows,), log_mass, dtype=torch.float64),
+            )
+        )
+        log_pis.append(log_pi)
+    return batches, log_pis
+
+
+# the shard index of the proposal-update evidence draws (no batch has it)
+_EVIDENCE_SHARD = 1 << 41
+
+
+def _evidence(tr: Trainer, state: State) -> dict[str, float]:
+    """Fresh draws, half from q and half from π (before π's update), for one prompt, and
+    :func:`kldsl.estimators.swap_evidence` on them: the gain KL(p*‖q) − KL(p*‖π), its
+    standard error and whether to replace q by π. Every process draws the same ones."""
+    assert tr.proposal is not None
+    k = _prompt_index(state.base_seed, state.step, _EVIDENCE_SHARD, len(tr.prompts))
+    prompt = tr.prompts[k]
+    model, _ = tr.graphs(k)
+    gen = torch.Generator().manual_seed(_shard_seed(state.base_seed, state.step, _EVIDENCE_SHARD))
+    half = tr.swap_samples // 2
+    n_tokens = tr.target.base.max_tokens
+    with torch.no_grad():
+        from_q = tr.proposal.sample(half, n_tokens, prompt=prompt, seed=gen)
+        from_pi = tr.policy.sample(tr.swap_samples - half, n_tokens, prompt=prompt, seed=gen)
+        log_q = torch.cat(
+            [from_q.log_probs.double().cpu(), tr.proposal.score(from_pi.ids, prompt=prompt)]
+        )
+        log_pi = torch.cat(
+            [tr.policy.score(from_q.ids, prompt=prompt), from_pi.log_probs.double().cpu()]
+        )
+    ids = from_q.ids + from_pi.ids
+    log_a = tr.target.lm.score(ids, prompt=prompt).double()
+    density = model.log_density(ids, base_log_probs=log_a, lms=tr.target.lms)
+    return swap_evidence(
+        density.log_p, log_q.double(), log_pi.double(), z=tr.swap_z, min_ess=tr.swap_min_ess
+    )
+
+
 def step(tr: Trainer, state: State, *, started: float) -> tuple[State, StepInfo]:
-    """One update of π: draw this process's shards, gather the batch, add its weights to
-    the running Ẑ, compute the coefficients and metrics per group, replace q by π if π
-    is estimated closer to p*, then one optimizer step on the gradient summed over
-    processes. ``started``: ``time.perf_counter()`` at the start of the run (for
-    ``time_s``). The new state holds the step's record in its history."""
+    """One update of π: draw this process's shards (from π, from q, or with the sampling
+    engine), gather the batch, add its weights to the running Ẑ, compute the coefficients
+    and metrics per group, replace q by π when fresh evidence says π is closer to p* with
+    confidence, then one optimizer step on the gradient summed over processes — skipped
+    when every group's training weights have an ESS below ``min_ess`` (off-policy).
+    ``started``: ``time.perf_counter()`` at the start of the run (for ``time_s``). The new
+    state holds the step's record in its history."""
     t0 = time.perf_counter()
-    batches, log_pis = _draw(tr, state)
+    evidence = None
+    if tr.proposal is not None and state.step > 0 and state.step % tr.swap_every == 0:
+        evidence = _evidence(tr, state)  # π before this step's update: the π that may be q
+    drawn = _draw(tr, state) if tr.sampler_engine is None else _draw_sampler(tr, state)
+    batches, log_pis = drawn
     local = torch.cat([b.stack() for b in batches])
     every = local if tr.world == 1 else tr.acc.gather(local.to(tr.acc.device)).cpu()
     cols = Batch.unstack(every, like=batches[-1])
     groups = tr.groups()
     keys = [int(cols.prompt[g.start]) for g in groups]
     for g, k in zip(groups, keys):  # running Ẑ per prompt, this step's draws included
-        state = state.with_weights(k, cols.log_p[g] - cols.log_s[g])
+        state = state.with_weights(k, cols.log_mass[g], draws=round(float(cols.draws[g].sum())))
     log_zs = [state.log_z(k) for k in keys]
-    coef = torch.cat(
-        [
+    parts, skipped = [], 0
+    for g, log_z in zip(groups, log_zs):
+        c = cols[g]
+        log_w = c.log_p - c.log_s  # the sampler's weights p̃/s
+        log_z_batch = float(weights.log_z(log_w))  # self-normalised: W = n·w/Σw
+        if not tr.on_policy and weights.ess(log_w) < tr.min_ess:
+            parts.append(torch.zeros_like(log_w))
+            skipped += 1
+            continue
+        parts.append(
             coefficients(
                 tr.objective,
-                log_p=cols.log_p[g],
-                log_p_penalized=cols.log_p_penalized[g],
-                log_s=cols.log_s[g],
-                log_pi=cols.log_pi[g],
+                log_p=c.log_p,
+                log_p_penalized=c.log_p_penalized,
+                log_s=c.log_s,
+                log_pi=c.log_pi,
                 log_z=log_z,
-                baseline=tr.baseline,
+                log_z_weights=log_z_batch,
+                baseline=tr.baseline and tr.sampler_engine is None,
             )
-            for g, log_z in zip(groups, log_zs)
-        ]
-    )
-    measured = mean_dicts(
-        [metrics(cols[g], log_z, tr.on_policy) for g, log_z in zip(groups, log_zs)]
-    )
+        )
+    coef = torch.cat(parts)
+    if tr.sampler_engine is None:
+        measured = mean_dicts(
+            [metrics(cols[g], log_z, tr.on_policy) for g, log_z in zip(groups, log_zs)]
+        )
+    else:
+        measured = mean_dicts([sample_metrics(cols[g], z) for g, z in zip(groups, log_zs)])
     seen = [state.log_z(k) for k in range(len(tr.prompts)) if state.count[k]]
     measured["log_z"] = sum(seen) / len(seen)  # the mean of log Ẑ over prompts seen
-
+    measured["draws"] = float(cols.draws.sum())
     replaced = None
-    if tr.q_params is not None:
-        replaced = measured["kl_p_pi"] < measured["kl_p_q"]
+    if not tr.on_policy:
+        measured["skipped"] = skipped / len(groups)
+    if tr.proposal is not None:
+        replaced = False
+        if evidence is not None:
+            measured.update({f"swap/{key}": value for key, value in evidence.items()})
+            measured["draws"] += tr.swap_samples
+            replaced = bool(evidence["replace"])
         if replaced:
+            assert tr.q_params is not None
             with torch.no_grad():  # q ← π (the π that was just evaluated, pre-update)
                 for k, p in tr.pi_params.items():
                     tr.q_params[k].copy_(p)
             state = replace(state, proposal_updates=state.proposal_updates + 1)
 
-    grad_norm = _update(tr, coef, log_pis, rows=len(local))
+    if skipped == len(groups) and not tr.on_policy:
+        grad_norm = 0.0  # no hit to learn from: no step (Adam would move on momentum alone)
+    else:
+        grad_norm = _update(tr, coef, log_pis, rows=len(local))
     elapsed = time.perf_counter() - t0
     info = StepInfo(
         step=state.step + 1,
         loss=float(-(coef * cols.log_pi).mean()),
         grad_norm=grad_norm,
         metrics=measured,
-        samples_per_s=tr.batch_size / max(elapsed, 1e-9),
+        samples_per_s=measured["draws"] / max(elapsed, 1e-9),
         time_s=time.perf_counter() - started,
         proposal_replaced=replaced,
         proposal_updates=state.proposal_updates if replaced is not None else None,
@@ -524,6 +740,13 @@ def run(
     accelerator: Any = None,
     name: str | None = None,
     prompts: Sequence[str] | str | os.PathLike[str] | None = None,
+    sampler: str = "importance",
+    sampler_options: dict[str, Any] | None = None,
+    min_ess: float = 0.0,
+    swap_z: float = 2.0,
+    swap_every: int = 4,
+    swap_samples: int | None = None,
+    swap_min_ess: float = 4.0,
 ) -> Fit:
     """Fine-tune a copy of the prior (or of ``proposal``) toward the posterior for ``steps``
     steps of ``batch_size`` draws (``n`` is not used) and return it as a ``Fit``.
@@ -543,6 +766,15 @@ def run(
     accelerator: an accelerate.Accelerator to run under
     name: name of the fine-tuned LM (default: the start LM's name + "+fit")
     prompts: prompts to fit a conditional target (CDPG): a list, or a file with one a line
+    sampler: forward_kl/js: the sampling engine of the training draws (importance: from q)
+    sampler_options: options of that engine, e.g. {"max_proposals": 100000} for rejection,
+        and its batch_size (default: batch_size)
+    min_ess: forward_kl/js: skip a step whose training weights have an ESS below this
+    swap_z: replace q by π only when the gain exceeds swap_z standard errors
+    swap_every: steps between two proposal-update tests (each draws swap_samples)
+    swap_samples: draws of each proposal-update test, half from q, half from π
+        (default swap_every × batch_size: the test costs as many draws as training)
+    swap_min_ess: replace q only when the test's weights have at least this ESS
     """
     objective, softened = _objective(target.model, objective, penalty)
     if steps < 0:
@@ -566,6 +798,13 @@ def run(
         accelerator=accelerator,
         name=name,
         prompts=prompts,
+        sampler=sampler,
+        sampler_options=sampler_options,
+        min_ess=min_ess,
+        swap_z=swap_z,
+        swap_every=swap_every,
+        swap_samples=swap_samples,
+        swap_min_ess=swap_min_ess,
     )
     state = init(tr, generator, lr=lr, lora=lora)
     checkpoints = None
@@ -623,6 +862,8 @@ def _fit(tr: Trainer, state: State, *, lr: float, lora: Any, folder: Path | None
             "shards": tr.shards,
             "processes": tr.world,
             "proposal_updates": state.proposal_updates,
+            "sampler": tr.sampler if not tr.on_policy else None,
+            "skipped_steps": sum(1 for r in state.history if r.get("skipped") == 1.0),
             "log_z": [state.log_z(k) for k in range(len(tr.prompts))],
             "prompts": tr.prompts if tr.conditional else None,
             "output_dir": str(folder) if folder is not None else None,
@@ -656,12 +897,9 @@ def _all_reduce_grads(params: Sequence[torch.nn.Parameter], acc: Any, world: int
 
 def _postfix(record: dict[str, Any], objective: str) -> dict[str, str]:
     key = {"reverse_kl": "kl_pi_p", "forward_kl": "kl_p_pi", "js": "js"}[objective]
-    return {
-        key: f"{record[key]:.4f}",
-        "kl_pi_a": f"{record['kl_pi_a']:.3f}",
-        "log_z": f"{record['log_z']:.3f}",
-        "ent/tok": f"{record['entropy_per_token']:.3f}",
-    }
+    shown = {key: ".4f", "kl_pi_a": ".3f", "log_z": ".3f", "entropy_per_token": ".3f"}
+    names = {"entropy_per_token": "ent/tok"}
+    return {names.get(k, k): format(record[k], f) for k, f in shown.items() if k in record}
 
 
 def _lora_info(lora: Any) -> Any:

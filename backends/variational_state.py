@@ -41,6 +41,13 @@ SETTINGS = (
     "penalty",
     "baseline",
     "max_grad_norm",
+    "sampler",
+    "sampler_options",
+    "min_ess",
+    "swap_z",
+    "swap_every",
+    "swap_samples",
+    "swap_min_ess",
     "base_seed",
 )
 _LABELS = {"base_seed": "base_seed (drawn from seed)", "proposal": "proposal (the start LM)"}
@@ -63,11 +70,13 @@ class State:
         count = self.count[k]
         return self.log_w_sum[k] - math.log(count) if count else -math.inf
 
-    def with_weights(self, k: int, log_w: Tensor) -> State:
-        """The state with the log-weights ``log_w`` of draws for prompt k added to its Ẑ."""
+    def with_weights(self, k: int, log_w: Tensor, draws: int | None = None) -> State:
+        """The state with the log-weights ``log_w`` of draws for prompt k added to its Ẑ;
+        ``draws``: how many draws they sum over (default one each: importance draws; a
+        rejection run's rows stand for all its proposals)."""
         log_w_sum, count = list(self.log_w_sum), list(self.count)
         log_w_sum[k] = float(torch.logaddexp(torch.tensor(log_w_sum[k]), torch.logsumexp(log_w, 0)))
-        count[k] += len(log_w)
+        count[k] += len(log_w) if draws is None else draws
         return replace(self, log_w_sum=tuple(log_w_sum), count=tuple(count))
 
     def compared(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Target: the Paris posterior of benchmark 3 (``prior(smollm2, prompt="I just got back from a
 trip to", max_tokens=32) | contains("Paris")``). Importance sampling draws x ~ q and weighs
 w = p̃(x)/q(x) with (a) q = the prior a and (b) q = the π fine-tuned by benchmark 3
-(``results/paris_fit``; when it is absent a short forward_kl fit is trained here first). The
+(``results/paris_fit``, else ``paris_fit_lora``, else ``paris_fit_short``: the full, LoRA and
+short sizes of benchmark 3; when none exists a short forward_kl fit is trained here first). The
 fine-tuning amortises the work; the weights correct π's remaining error, so both estimate the
 same p* and Z. With the prior and a pure hard constraint, w ∈ {0, 1}: ESS = the number of hits
 ≈ Z·n.
@@ -18,7 +19,7 @@ counts as met only if that bound reaches it.
 
 Sizing: 384 prior draws and 192 draws from π (about 3 minutes on this 2-core machine when
 it is otherwise idle: 166 s measured). ``--quick``: max_tokens 16, 64 draws each (about 2 minutes), using whichever
-saved fit exists (``paris_fit``, then ``paris_fit_quick``), else a 2-step fit.
+saved fit exists (those, then ``paris_fit_quick``), else a 2-step fit.
 
     python -m benchmarks.amortise [--quick]
 """
@@ -115,28 +116,29 @@ def importance(
 
 def reference_z(model: kl.Model, s: Settings, quick: bool) -> dict[str, Any]:
     """The rejection estimate of benchmark 3 when it matches, else a fresh one."""
-    path = RESULTS / "finetune_ruler.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored["settings"]["max_tokens"] == s.max_tokens and stored["z"]["hits"] > 0:
-            return {**stored["z"], "source": str(path)}
+    for name in ("finetune_ruler", "finetune_ruler_lora", "finetune_ruler_short"):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored["settings"]["max_tokens"] == s.max_tokens and stored["z"]["hits"] > 0:
+                return {**stored["z"], "source": str(path)}
     z, _ = ruler.measure_z(model, s.rejection_draws, seed=3000 + s.seed)
     return {**z, "source": "measured here"}
 
 
 def fine_tuned(quick: bool) -> tuple[Any, str]:
     """Benchmark 3's saved π, or a short forward_kl fit when none is saved."""
-    folders = ["paris_fit", "paris_fit_quick"] if quick else ["paris_fit"]
-    for folder in folders:
-        path = RESULTS / folder
+    sizes = ("full", "lora", "short", "quick") if quick else ("full", "lora", "short")
+    for size in sizes:
+        path = RESULTS / ruler.SIZES[size].fit_folder
         if (path / "fit.json").is_file():
             return load_lm(str(path)), str(path)
     short = dataclasses.replace(
-        ruler.QUICK if quick else ruler.FULL,
-        objectives=("forward_kl",),
-        steps=2 if quick else ruler.FULL.steps,
+        ruler.QUICK if quick else ruler.SHORT,
+        runs=(ruler.RUNS[0],),
+        steps=2 if quick else ruler.SHORT.steps,
     )
-    fit, _ = ruler.train(ruler.target(short.max_tokens), "forward_kl", short)
+    fit, _ = ruler.train(ruler.target(short.max_tokens), ruler.RUNS[0], short)
     return fit.model, f"trained here: forward_kl, {short.steps} steps × {short.batch_size}"
 
 

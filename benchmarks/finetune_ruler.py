@@ -6,37 +6,32 @@ KL(p*‖a) = −log Z exactly: the divergence of the untouched prior, the ruler 
 fine-tuned π is read against. Z is measured first by rejection (plain filtering of prior
 draws, with its binomial standard error).
 
-Then the variational engine fine-tunes LoRA adapters (r=8 on the attention projections) with
-``forward_kl`` (DPG), ``reverse_kl`` (finite penalty on violations) and ``js`` (f-DPG) at the
-same sample budget (same steps × batch size, same seed, same learning rate). Per step the
-engine records the constraint rate under π, KL(π‖a) and the estimated KL(p*‖π); for
-``forward_kl``/``js`` these are self-normalised estimates on the proposal's draws, for
-``reverse_kl`` on π's own draws (steps whose weights have an ESS below 1.5 are not plotted).
-Reported per objective: samples drawn and wall time until the per-step rate is ≥ 90% for two
-steps running; the final π's constraint rate on fresh draws from it; and its final
-KL(p*‖π) = E_p*[log a − log Z − log π] averaged over the rejection hits, which are exact
-samples of p* (``kl_exact``; a self-normalised estimate on π's own draws is kept beside it
-in the JSON, but with an ESS near 1 it reads ≈ 0 whatever π is). The best π by that final
-KL(p*‖π) is saved to ``results/paris_fit`` for benchmark 4 (``benchmarks/amortise.py``).
+Then the variational engine fine-tunes the prior four ways at the same number of
+optimizer steps: ``forward_kl`` (DPG) from importance draws of its frozen proposal q,
+``forward_kl`` from exact samples of the ``rejection`` engine (maximum likelihood on them;
+each costs about 1/Z prior draws, so these runs take fewer samples a step), ``js``
+(f-DPG) and ``reverse_kl`` (finite penalty on violations, ``kl.soften``). Per step the
+engine records the draws it made (training, proposal-update evidence, rejected proposals)
+and, where it has draws of π or q, the constraint rate under π. Reported per run: samples
+drawn and wall time until the per-step rate is ≥ 90% for two steps running; on fresh draws
+of the final π its constraint rate, KL(π‖a) = E_π[log π − log a] with its standard error
+and distinct-2 of 64 draws (a collapse check); and its KL(p*‖π) = E_p*[log a − log Z −
+log π] averaged over the rejection hits, which are exact samples of p*. The best π by that
+KL is saved to ``results/<size's fit_folder>`` for benchmark 4 (``benchmarks/amortise.py``).
 
-Sizing: on this 2-core machine one training step of 32 sequences × 32 tokens — sampling,
-scoring under a, and log π with its backward pass — takes about 24 s when the machine is
-otherwise idle (2–2.5 minutes while other jobs share the cores). The full run takes about
-50 minutes (3,008 s measured): rejection on 768 prior draws (about 2 minutes), 3 objectives
-× 30 steps × 32 sequences (960 samples and 12–15 minutes each), LoRA r=8 on q/k/v/o_proj, lr 3e-3, and
-64 fresh draws to evaluate each final π. A pilot (4 steps × 16 at lr 1e-2; 3 steps × 16 at
-lr 3e-3) chose lr 3e-3: at 1e-2 reverse_kl's KL(π‖a) ran to 5.5 nat in 4 steps without a
-single hit, at 3e-3 it stayed at 0.16. With Z ≈ 0.02 a batch of 32 holds about one hit, so
-forward_kl and js learn from a self-normalised estimate whose ESS is about 1 at nearly every
-step: this budget gives each objective a few dozen hits in all, which is far too few for
-KL(p*‖π) ≤ 0.5 nat. ``--quick`` (max_tokens 16, forward_kl only, 2 steps of 8, rejection
-on 64 draws) takes 1–2 minutes on a free machine (4–5 under load) and only shows that the
-pipeline works; it saves its fit to ``results/paris_fit_quick`` and never overwrites
-``results/paris_fit``.
+Sizes (``--size``): ``full``, the published DPG setting (40 steps × 64 samples, lr 1e-4,
+full fine-tuning, 256 fresh draws; several hours on a 2-core CPU, minutes on a GPU);
+``lora``, the same with LoRA r=8 on q/k/v/o_proj at lr 3e-3; ``short`` (the default of
+this script), LoRA with 6 steps × 16 (4 exact samples a step for rejection), 384 prior
+draws for Z and 64 fresh draws per π, sized for about 20 minutes on a shared 2-core
+machine; ``quick`` (``--quick``, what ``make bench-quick`` runs): max_tokens 16, forward_kl
+only, 2 steps of 8 — a check that the pipeline runs, nothing more. Results go to
+``results/finetune_ruler.json`` (full) or ``finetune_ruler_<size>.json``.
 
-Targets: π reaches ≥ 90% constraint satisfaction with KL(p*‖π) ≤ 0.5 nat.
+Targets: every objective ends closer to p* than the prior (KL(p*‖π) < −log Z ≈ 4.0 nat);
+forward_kl at ≥ 90% constraint rate with KL(p*‖π) ≤ 2.0 nat; the best objective ≤ 1.0 nat.
 
-    python -m benchmarks.finetune_ruler [--quick]
+    python -m benchmarks.finetune_ruler [--size full|lora|short|quick]
 """
 
 from __future__ import annotations
@@ -44,8 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import time
 import warnings
-from functools import partial
 from typing import Any
 
 import torch
@@ -56,39 +51,62 @@ from kldsl.fit import json_safe
 
 PROMPT = "I just got back from a trip to"
 WORD = "Paris"
-OBJECTIVES = ("forward_kl", "reverse_kl", "js")
+# (name, objective, sampler of the training draws; None: π's own draws)
+RUNS = (
+    ("forward_kl", "forward_kl", "importance"),
+    ("forward_kl+rejection", "forward_kl", "rejection"),
+    ("js", "js", "importance"),
+    ("reverse_kl", "reverse_kl", None),
+)
 RATE_TARGET = 0.90
-KL_TARGET = 0.5  # nat
+KL_TARGET = 2.0  # nat, forward_kl's target
+BEST_TARGET = 1.0  # nat, the best objective's
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     max_tokens: int = 32
-    objectives: tuple[str, ...] = OBJECTIVES
-    steps: int = 30
-    batch_size: int = 32
-    lr: float = 3e-3
-    lora: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    runs: tuple[tuple[str, str, str | None], ...] = RUNS
+    steps: int = 40
+    batch_size: int = 64
+    rejection_batch: int = 8  # exact samples a step for forward_kl+rejection (1/Z draws each)
+    lr: float = 1e-4
+    lora: tuple[str, ...] | None = None  # None: full fine-tuning
     rank: int = 8
     penalty: float = 10.0  # reverse_kl: log 1[c] = −penalty on a violation instead of −∞
     rejection_draws: int = 768  # prior draws for Z
-    eval_draws: int = 64  # fresh draws from each final π
+    eval_draws: int = 256  # fresh draws from each final π
     seed: int = 0
     fit_folder: str = "paris_fit"
     progress: bool = True  # the engine's per-step bar on stderr (to follow a long run)
 
 
-FULL = Settings()
+FULL = Settings()  # the published DPG setting: 40 steps × 64, lr 1e-4, full fine-tuning
+LORA = dataclasses.replace(
+    FULL, lora=("q_proj", "k_proj", "v_proj", "o_proj"), lr=3e-3, fit_folder="paris_fit_lora"
+)
+SHORT = dataclasses.replace(  # sized for a shared 2-core machine: about 20 minutes
+    LORA,
+    steps=6,
+    batch_size=16,
+    rejection_batch=4,
+    rejection_draws=384,
+    eval_draws=64,
+    fit_folder="paris_fit_short",
+)
 QUICK = Settings(
     max_tokens=16,
-    objectives=("forward_kl",),
+    runs=(RUNS[0],),
     steps=2,
     batch_size=8,
+    lora=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lr=3e-3,
     rejection_draws=64,
     eval_draws=16,
     fit_folder="paris_fit_quick",
     progress=False,
 )
+SIZES = {"full": FULL, "lora": LORA, "short": SHORT, "quick": QUICK}
 
 
 def target(max_tokens: int) -> kl.Model:
@@ -178,18 +196,24 @@ def kl_exact(lm: Any, exact: Exact | None) -> dict[str, float]:
     }
 
 
-def curves(fit: kl.Fit, batch_size: int) -> dict[str, list[float | None]]:
-    """Per-step curves against samples drawn (non-finite values become None)."""
+def curves(fit: kl.Fit) -> dict[str, list[float | None]]:
+    """Per-step curves against samples drawn (non-finite values become None). A run trained
+    on a sampling engine's draws of p* has no per-step estimate under π (rates None)."""
 
     def num(value: Any) -> float | None:
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
-    key = constraint_key(fit.history[0])
+    keys = [k for k in fit.history[0] if k.startswith("constraint/")]
+    drawn = 0.0
+    samples = []
+    for r in fit.history:
+        drawn += r["draws"]
+        samples.append(drawn)
     return {
         "step": [r["step"] for r in fit.history],
-        "samples": [r["step"] * batch_size for r in fit.history],
+        "samples": samples,  # every sequence drawn: training, evidence, rejected proposals
         "time_s": [r["time_s"] for r in fit.history],
-        "constraint_rate": [num(r[key]) for r in fit.history],
+        "constraint_rate": [num(r[keys[0]]) if keys else None for r in fit.history],
         # a batch whose weights have an ESS below 1.5 (one hit, or one dominant weight) says
         # nothing about KL(p*‖π): the self-normalised estimate then reads ≈ 0 whatever π is
         "kl_p_pi": [
@@ -200,6 +224,8 @@ def curves(fit: kl.Fit, batch_size: int) -> dict[str, list[float | None]]:
         "kl_pi_p": [num(r.get("kl_pi_p")) for r in fit.history],
         "log_z": [num(r.get("log_z")) for r in fit.history],
         "entropy_per_token": [num(r.get("entropy_per_token")) for r in fit.history],
+        "swap_gain": [num(r.get("swap/gain")) for r in fit.history],
+        "swap_se": [num(r.get("swap/se")) for r in fit.history],
     }
 
 
@@ -219,47 +245,61 @@ def first_reach(curve: dict[str, list[Any]], level: float, run: int = 2) -> dict
     return None
 
 
+def distinct_2(ids: list[list[int]]) -> float:
+    """Distinct token bigrams over all bigrams of the sequences (1: none repeats; a
+    collapsed π that says one thing scores near 0).
+
+    >>> distinct_2([[1, 2, 3], [1, 2, 4]])
+    0.75
+    """
+    grams = [tuple(x[i : i + 2]) for x in ids for i in range(len(x) - 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
 def evaluate(
     model: kl.Model, fit: kl.Fit, draws: int, seed: int, exact: Exact | None
 ) -> dict[str, Any]:
-    """The final π: constraint rate, log Ẑ and ESS on fresh draws from π; KL(p*‖π) on the
-    exact p* samples (``kl_p_pi``) and, for comparison, self-normalised on π's draws."""
+    """The final π on ``draws`` fresh draws of it: constraint rate, KL(π‖a) = E_π[log π −
+    log a] (± se), distinct-2 of the first 64; and KL(p*‖π) on the exact p* samples."""
     on_exact = kl_exact(fit.model, exact)
-    from_exact = {"kl_p_pi": on_exact["kl"], "kl_p_pi_se": on_exact["se"]}
-    run = partial(
-        kl.infer,
-        model,
-        engine="importance",
-        proposal=fit.model,
-        n=draws,
-        batch_size=64,
-        seed=seed,
-        progress=False,
-    )
-    try:
-        seconds, _, samples = measure(run)
-    except kl.KldslInferenceError:  # no draw met the constraint (only plausible in quick mode)
-        return {"draws": draws, "constraint_rate": 0.0, "ess": 0.0, **from_exact}
-    key = [k for k in samples.proposal_means if WORD in k][0]
+    base = model.base()
+    target = kl.Target(model)
+    start = time.perf_counter()
+    batch = fit.model.sample(draws, base.max_tokens, prompt=base.prompt, seed=seed, batch_size=32)
+    log_pi = batch.log_probs.double()
+    log_a = target.lm.score(batch.ids, prompt=base.prompt, batch_size=32).double()
+    density = model.log_density(batch.ids, base_log_probs=log_a, lms=target.lms)
+    (met,) = density.constraints.values()
+    gap = log_pi - log_a
+    texts = density.texts
     return {
         "draws": draws,
-        "constraint_rate": samples.proposal_means[key],
-        **from_exact,
+        "constraint_rate": float(met.double().mean()),
+        "kl_p_pi": on_exact["kl"],
+        "kl_p_pi_se": on_exact["se"],
         "exact_samples": on_exact["samples"],
-        "kl_p_pi_self_normalised": samples.divergences["KL(p*‖q)"],
-        "log_z": samples.log_z,
-        "log_z_se": samples.log_z_se,
-        "ess": samples.ess,
-        "seconds": seconds,
-        "examples": [t for t, w in zip(samples.texts, samples.weights.tolist()) if w > 0][:5],
+        "kl_pi_a": float(gap.mean()),
+        "kl_pi_a_se": float(gap.std() / math.sqrt(draws)),
+        "distinct_2": distinct_2([list(x) for x in batch.ids[:64]]),
+        "seconds": time.perf_counter() - start,
+        "examples": [t for t, ok in zip(texts, met.tolist()) if ok][:5],
     }
 
 
-def train(model: kl.Model, objective: str, s: Settings) -> tuple[kl.Fit, dict[str, Any]]:
-    lora = {"r": s.rank, "target_modules": list(s.lora)}
+def train(
+    model: kl.Model, run: tuple[str, str, str | None], s: Settings
+) -> tuple[kl.Fit, dict[str, Any]]:
+    name, objective, sampler = run
     options: dict[str, Any] = {"penalty": s.penalty} if objective == "reverse_kl" else {}
+    batch_size = s.batch_size
+    if sampler is not None:
+        options["sampler"] = sampler
+    if sampler == "rejection":  # exact samples: each costs 1/Z prior draws, drawn 32 at once
+        batch_size = s.rejection_batch
+        options["sampler_options"] = {"batch_size": 32}
+    lora = {"r": s.rank, "target_modules": list(s.lora)} if s.lora else None
 
-    def run() -> kl.Fit:
+    def go() -> kl.Fit:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reverse_kl's documented finite-penalty warning
             return kl.infer(
@@ -267,7 +307,7 @@ def train(model: kl.Model, objective: str, s: Settings) -> tuple[kl.Fit, dict[st
                 engine="variational",
                 objective=objective,
                 steps=s.steps,
-                batch_size=s.batch_size,
+                batch_size=batch_size,
                 lr=s.lr,
                 lora=lora,
                 seed=s.seed,
@@ -275,24 +315,20 @@ def train(model: kl.Model, objective: str, s: Settings) -> tuple[kl.Fit, dict[st
                 **options,
             )
 
-    seconds, peak, fit = measure(run)
-    curve = curves(fit, s.batch_size)
-    final = fit.history[-1]
+    seconds, peak, fit = measure(go)
+    curve = curves(fit)
     out = {
+        "name": name,
         "objective": objective,
+        "sampler": sampler,
         "seconds": seconds,
         "peak_mb": peak / 2**20,
-        "samples": s.steps * s.batch_size,
+        "batch_size": batch_size,
+        "samples": curve["samples"][-1],
         "reach_90": first_reach(curve, RATE_TARGET),
-        "final_step": {
-            "constraint_rate": final[constraint_key(final)],
-            "kl_p_pi": final.get("kl_p_pi"),
-            "kl_pi_a": final.get("kl_pi_a"),
-        },
+        "proposal_updates": fit.info["proposal_updates"],
         "curves": curve,
     }
-    if "proposal_updates" in final:
-        out["proposal_updates"] = final["proposal_updates"]
     return fit, out
 
 
@@ -313,7 +349,7 @@ def plot(runs: list[dict[str, Any]], z: dict[str, Any], path: Any, title: str) -
             c = r["curves"]
             pts = [(x, y) for x, y in zip(c["samples"], c[key]) if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["objective"])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["name"])
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("samples drawn", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -337,6 +373,7 @@ def plot(runs: list[dict[str, Any]], z: dict[str, Any], path: Any, title: str) -
 
 
 def headline(z: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ruler_nat = z.get("ruler_nat", math.nan)
     rows: list[dict[str, Any]] = [
         {
             "name": f"Z = P_a({WORD}) by rejection ({z['draws']} draws), ± se",
@@ -346,50 +383,79 @@ def headline(z: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, An
         }
     ]
     for r in runs:
-        ev = r["eval"]
-        reach = r["reach_90"]
+        ev, reach, name = r["eval"], r["reach_90"], r["name"]
+        kl_ok = math.isfinite(ev["kl_p_pi"])
         rows += [
             {
-                "name": f"{r['objective']}: samples / wall s to 90% constraint rate",
-                "value": f"{reach['samples']} / {reach['time_s']:.0f} s"
+                "name": f"{name}: samples / wall s to 90% constraint rate",
+                "value": f"{reach['samples']:.0f} / {reach['time_s']:.0f} s"
                 if reach
-                else "not reached",
-                "target": f"within {r['samples']} samples",
+                else (
+                    "not reached"
+                    if r["curves"]["constraint_rate"][0] is not None
+                    else "not tracked (no draws of π while training)"
+                ),
+                "target": f"within {r['samples']:.0f} samples",
                 "met": reach is not None,
             },
             {
-                "name": f"{r['objective']}: final constraint rate under π (fresh draws)",
+                "name": f"{name}: final constraint rate under π ({ev['draws']} fresh draws)",
                 "value": round(ev["constraint_rate"], 3),
-                "target": f"≥ {RATE_TARGET}",
+                "target": f"≥ {RATE_TARGET}" if r["objective"] == "forward_kl" else None,
                 "met": ev["constraint_rate"] >= RATE_TARGET,
             },
             {
-                "name": f"{r['objective']}: final KL(p*‖π) nat on {z['hits']} exact p* samples "
-                f"(ruler −log Z = {z.get('ruler_nat', math.nan):.2f})",
+                "name": f"{name}: final KL(p*‖π) nat on {z['hits']} exact p* samples "
+                f"(ruler −log Z = {ruler_nat:.2f})",
                 "value": f"{ev['kl_p_pi']:.2f} ± {ev['kl_p_pi_se']:.2f}",
-                "target": f"≤ {KL_TARGET}",
-                "met": math.isfinite(ev["kl_p_pi"]) and ev["kl_p_pi"] <= KL_TARGET,
+                "target": f"< {ruler_nat:.2f}"
+                + (f", ≤ {KL_TARGET}" if r["objective"] == "forward_kl" else ""),
+                "met": kl_ok
+                and ev["kl_p_pi"] < ruler_nat
+                and (r["objective"] != "forward_kl" or ev["kl_p_pi"] <= KL_TARGET),
+            },
+            {
+                "name": f"{name}: KL(π‖a) nat ± se; distinct-2 of 64 draws",
+                "value": f"{ev['kl_pi_a']:.2f} ± {ev['kl_pi_a_se']:.2f}; {ev['distinct_2']:.3f}",
+                "target": None,
+                "met": None,
             },
         ]
+    finite = [r["eval"]["kl_p_pi"] for r in runs if math.isfinite(r["eval"]["kl_p_pi"])]
+    best = min(finite, default=math.nan)
+    rows.append(
+        {
+            "name": "best objective's final KL(p*‖π) nat",
+            "value": f"{best:.2f}",
+            "target": f"≤ {BEST_TARGET}",
+            "met": math.isfinite(best) and best <= BEST_TARGET,
+        }
+    )
     return rows
 
 
-def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False, settings: Settings | None = None, size: str | None = None
+) -> dict[str, Any]:
+    """Run one size (``quick``: the pipeline check; default: the full setting)."""
     torch.set_num_threads(2)
-    s = settings or (QUICK if quick else FULL)
+    size = size or ("quick" if quick else "full")
+    s = settings or SIZES[size]
     model = target(s.max_tokens)
     z, exact = measure_z(model, s.rejection_draws, seed=1000 + s.seed)
     print(f"Z = {z['z']:.4f} ± {z['z_se']:.4f} ({z['hits']}/{z['draws']})", flush=True)
     runs: list[dict[str, Any]] = []
     fits: dict[str, kl.Fit] = {}
-    for objective in s.objectives:
-        fit, out = train(model, objective, s)
+    for run in s.runs:
+        fit, out = train(model, run, s)
         out["eval"] = evaluate(model, fit, s.eval_draws, 2000 + s.seed, exact)
-        fits[objective] = fit
+        fits[out["name"]] = fit
         runs.append(out)
         print(
-            f"{objective}: {out['seconds']:.0f} s, reach 90% {out['reach_90']}, final rate "
-            f"{out['eval']['constraint_rate']:.3f}, KL(p*‖π) {out['eval']['kl_p_pi']:.3f}",
+            f"{out['name']}: {out['seconds']:.0f} s, {out['samples']:.0f} samples, reach 90% "
+            f"{out['reach_90']}, final rate {out['eval']['constraint_rate']:.3f}, KL(p*‖π) "
+            f"{out['eval']['kl_p_pi']:.3f} ± {out['eval']['kl_p_pi_se']:.3f}, KL(π‖a) "
+            f"{out['eval']['kl_pi_a']:.3f}, distinct-2 {out['eval']['distinct_2']:.3f}",
             flush=True,
         )
 
@@ -398,23 +464,26 @@ def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any
         return value if math.isfinite(value) else math.inf
 
     best = min(runs, key=lambda r: (final_kl(r), r["objective"] != "forward_kl"))
-    saved = fits[best["objective"]].save(RESULTS / s.fit_folder)
+    saved = fits[best["name"]].save(RESULTS / s.fit_folder)
     payload = {
-        "settings": {**dataclasses.asdict(s), "quick": quick, "prompt": PROMPT},
+        "settings": {**dataclasses.asdict(s), "size": size, "prompt": PROMPT},
         "target": str(model),
         "z": z,
         "runs": runs,
-        "saved_fit": {"objective": best["objective"], "folder": str(saved)},
+        "saved_fit": {"name": best["name"], "folder": str(saved)},
         "headline": headline(z, runs),
     }
-    path = write("finetune_ruler", json_safe(payload))  # NaN/∞ become null
-    plot(runs, z, path.with_suffix(".png"), f"{model}  (LoRA r={s.rank}, lr {s.lr:g})")
+    name = "finetune_ruler" if size == "full" else f"finetune_ruler_{size}"
+    path = write(name, json_safe(payload))  # NaN/∞ become null
+    tuning = f"LoRA r={s.rank}" if s.lora else "full fine-tuning"
+    plot(runs, z, path.with_suffix(".png"), f"{model}  ({tuning}, lr {s.lr:g})")
     return payload
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", choices=sorted(SIZES), default="short")
+    parser.add_argument("--quick", action="store_true", help="same as --size quick")
     args = parser.parse_args()
-    for row in main(args.quick)["headline"]:
+    for row in main(size="quick" if args.quick else args.size)["headline"]:
         print(f"{row['name']}: {row['value']} (target {row['target']}, met {row['met']})")

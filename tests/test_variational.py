@@ -246,8 +246,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 
     options = dict(engine="variational", steps=12, batch_size=16, lr=0.1, checkpoint_every=5)
     full = kl.infer(model(), output_dir=tmp_path / "full", **options)
+    # the reward runs on each step's draws and, from the second step on, on the proposal
+    # update's evidence draws: 1 + 2·4 = 9 calls by step 5; the 12th is in step 7
     with pytest.raises(kl.KldslRewardError, match="simulated crash"):
-        kl.infer(model(crash_after=7), output_dir=tmp_path / "cut", **options)
+        kl.infer(model(crash_after=11), output_dir=tmp_path / "cut", **options)
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-0000005"
     resumed = kl.infer(model(), output_dir=tmp_path / "cut", resume=True, **options)
     assert torch.equal(resumed.model.logits, full.model.logits)  # bitwise
