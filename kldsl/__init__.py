@@ -40,10 +40,11 @@ from kldsl.infer import Engine, engines, get_engine, infer
 from kldsl.lm import LM, SampleBatch, ToyLM
 from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
-from kldsl.registry import resolve
+from kldsl.registry import Runtime, resolve
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 from kldsl.transforms import soften, with_prompt
+from kldsl.vllm import VLLM
 
 __all__ = [
     "LM",
@@ -69,9 +70,11 @@ __all__ = [
     "Product",
     "Reward",
     "RewardExpr",
+    "Runtime",
     "SampleBatch",
     "Tilt",
     "ToyLM",
+    "VLLM",
     "constraint",
     "contains",
     "curse",
