@@ -14,7 +14,7 @@ the log-probs) and raw vLLM ``generate`` on the same engine (one request for all
 sequences, with the drawn tokens' log-probs: the same work), float32, vLLM's default
 (compiled) engine unless ``--eager``.
 
-    python -m benchmarks.sampling_speed [--quick] [--eager] [--repeats N]
+    python -m benchmarks.sampling_speed [--quick] [--eager] [--repeats N] [--device D] [--dtype T]
     .venv-vllm/bin/python -m benchmarks.sampling_speed      # both runtimes side by side
 """
 
@@ -46,7 +46,7 @@ def long_prompt(lm: Any, tokens: int = 256) -> str:
 
 
 def run_generate(lm: Any, prompt: str, n: int, seed: int) -> list[list[int]]:
-    context = torch.tensor([lm.context_ids(prompt)] * n)
+    context = torch.tensor([lm.context_ids(prompt)] * n, device=lm.device)
     torch.manual_seed(seed)
     out = lm.model.generate(
         input_ids=context,
@@ -170,15 +170,21 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
     plt.close(fig)
 
 
-def main(quick: bool = False, eager: bool = False, repeats: int | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False,
+    eager: bool = False,
+    repeats: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
     from kldsl import vllm
 
     fast = None
     if vllm.available() is None:  # before torch sets its threads: vLLM binds its own
-        fast = vllm.load("smollm2", enforce_eager=eager)
+        fast = vllm.load("smollm2", enforce_eager=eager, dtype=dtype)
         fast.sample(2, 4, prompt=SHORT_PROMPT, seed=0)  # warm-up
     torch.set_num_threads(2)
-    lm = load_lm("smollm2")
+    lm = load_lm("smollm2", device=device, dtype=dtype) if device or dtype else load_lm("smollm2")
     repeats = repeats or (1 if quick else 5)
     lm.sample(2, 4, prompt=SHORT_PROMPT, seed=0)  # warm-up
     results = [
@@ -225,7 +231,14 @@ def main(quick: bool = False, eager: bool = False, repeats: int | None = None) -
             }
         )
     payload = {
-        "settings": {"repeats": repeats, "quick": quick, "vllm": fast is not None, "eager": eager},
+        "settings": {
+            "repeats": repeats,
+            "quick": quick,
+            "vllm": fast is not None,
+            "eager": eager,
+            "device": str(lm.device),
+            "dtype": str(next(lm.model.parameters()).dtype),
+        },
         "results": results,
         "headline": headline,
     }
@@ -239,8 +252,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--repeats", type=int, help="timed repeats (default 5, 1 with --quick)")
+    parser.add_argument("--device", help="the hf runtime's device, e.g. cuda (default cpu)")
+    parser.add_argument("--dtype", help="both runtimes' dtype, e.g. bfloat16 (default float32)")
     args = parser.parse_args()
-    for r in main(args.quick, args.eager, args.repeats)["results"]:
+    for r in main(args.quick, args.eager, args.repeats, args.device, args.dtype)["results"]:
         times = ", ".join(
             f"{m} {r[m]['seconds']:.2f} s ({r[m]['tokens_per_s']:.0f} tok/s)"
             for m in METHODS

@@ -258,6 +258,11 @@ def infer(
         raise KldslError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_runtime(runtime)
     chosen = get_engine(engine)
+    if chosen.fits and Runtime.of(runtime).name != "hf":
+        raise KldslError(
+            f"engine {engine!r} fine-tunes, and training (rollouts included) runs on the hf "
+            f"runtime; drop runtime={Runtime.of(runtime).name!r} (hf takes device= and dtype=)"
+        )
     unknown = set(options) - set(chosen.options())
     if unknown:
         raise KldslError(

@@ -80,7 +80,7 @@ class VLLM(LM):
     """An LM on vLLM's offline engine (``vllm.LLM``), with kldsl's sequence semantics.
 
     ``model`` is an embedded model name (``"smollm2"``), a local folder or a hub name.
-    Keyword options go to ``vllm.LLM`` (``tensor_parallel_size``, ``data_parallel_size``,
+    Keyword options go to ``vllm.LLM`` (``tensor_parallel_size``, ``pipeline_parallel_size``,
     ``gpu_memory_utilization``, ``max_model_len``, ``enforce_eager``, ...); ``dtype``
     defaults to float32 on CPU (exact log-probs) and to vLLM's ``"auto"`` on GPUs.
 
@@ -296,7 +296,7 @@ class VLLM(LM):
     def log_prob(self, sequences: Sequence[Sequence[int]], *, prompt: str = "") -> Tensor:
         raise KldslInferenceError(
             f"{self.name} runs on vLLM, which computes no gradients: fine-tune on the hf "
-            "runtime (runtime='hf'); a fitted model can then sample on vLLM from its folder"
+            "runtime (runtime='hf')"
         )
 
 

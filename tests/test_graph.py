@@ -309,4 +309,6 @@ def test_resolve_returns_an_lm_itself_and_knows_the_hf_and_vllm_runtimes(toy):
         with pytest.raises(kl.KldslNameError, match="unknown runtime 'onnx'") as err:
             call()
         assert "known: hf, vllm" in str(err.value)
+    with pytest.raises(kl.KldslError, match="runs on the hf runtime"):
+        kl.infer(m, engine="variational", runtime="vllm")
     assert kl.infer(m, n=4, runtime="hf").engine == "importance"
