@@ -8,7 +8,14 @@ from the same passes; ``generate`` recomputes the prompt per row. Also timed:
 Each repeat times both back to back (alternating which goes first); the reported ratio is
 the median of the per-repeat ratios, measured side by side in one process.
 
-    python -m benchmarks.sampling_speed [--quick]
+Where vLLM imports (the vLLM environment of ``make setup-vllm``), the same repeats also
+time kldsl on the vllm runtime (:class:`kldsl.VLLM`: one seeded request per sequence, with
+the log-probs) and raw vLLM ``generate`` on the same engine (one request for all N
+sequences, with the drawn tokens' log-probs: the same work), float32, vLLM's default
+(compiled) engine unless ``--eager``.
+
+    python -m benchmarks.sampling_speed [--quick] [--eager] [--repeats N] [--device D] [--dtype T]
+    .venv-vllm/bin/python -m benchmarks.sampling_speed      # both runtimes side by side
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ def long_prompt(lm: Any, tokens: int = 256) -> str:
 
 
 def run_generate(lm: Any, prompt: str, n: int, seed: int) -> list[list[int]]:
-    context = torch.tensor([lm.context_ids(prompt)] * n)
+    context = torch.tensor([lm.context_ids(prompt)] * n, device=lm.device)
     torch.manual_seed(seed)
     out = lm.model.generate(
         input_ids=context,
@@ -59,22 +66,51 @@ def run_generate(lm: Any, prompt: str, n: int, seed: int) -> list[list[int]]:
     return seqs
 
 
-def case(lm: Any, name: str, prompt: str, n: int, repeats: int) -> dict[str, Any]:
+def run_vllm_generate(fast: Any, prompt: str, n: int, seed: int) -> list[list[int]]:
+    """Raw vLLM: one request for n sequences, with the drawn tokens' log-probs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        n=n,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_tokens=NEW_TOKENS,
+        ignore_eos=True,
+        stop_token_ids=[fast.eos_id],
+        logprobs=0,
+        seed=seed,
+        detokenize=False,
+    )
+    (out,) = fast.engine.generate(
+        [TokensPrompt(prompt_token_ids=fast.context_ids(prompt))], params, use_tqdm=False
+    )
+    return [list(c.token_ids) for c in out.outputs]
+
+
+def case(lm: Any, name: str, prompt: str, n: int, repeats: int, fast: Any = None) -> dict[str, Any]:
     rows: dict[str, list[tuple[float, int, int]]] = {
         "kldsl": [],
         "generate": [],
         "generate+score": [],
     }
+    if fast is not None:
+        rows.update({"kldsl-vllm": [], "vllm-generate": []})
     for r in range(repeats):
         seed = 1000 + r
         runs = {
             "kldsl": partial(lm.sample, n, NEW_TOKENS, prompt=prompt, seed=seed),
             "generate": partial(run_generate, lm, prompt, n, seed),
         }
-        # alternate which goes first, so a change in machine load hits both alike
-        for method in ("kldsl", "generate") if r % 2 == 0 else ("generate", "kldsl"):
+        if fast is not None:
+            runs["kldsl-vllm"] = partial(fast.sample, n, NEW_TOKENS, prompt=prompt, seed=seed)
+            runs["vllm-generate"] = partial(run_vllm_generate, fast, prompt, n, seed)
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        # alternate the order, so a change in machine load hits every method alike
+        for method in order:
             t, mem, result = measure(runs[method])
-            seqs = result.ids if method == "kldsl" else result
+            seqs = getattr(result, "ids", result)
             rows[method].append((t, mem, sum(len(s) for s in seqs)))
             if method == "generate":
                 t2, mem2, _ = measure(partial(lm.score, seqs, prompt=prompt))
@@ -101,7 +137,13 @@ def case(lm: Any, name: str, prompt: str, n: int, repeats: int) -> dict[str, Any
     out["ratio_generate_score_vs_generate"] = median(
         [a[0] / b[0] for a, b in zip(rows["generate+score"], rows["generate"])]
     )
+    if fast is not None:
+        for a, b in (("kldsl-vllm", "vllm-generate"), ("kldsl-vllm", "generate")):
+            out[f"ratio_{a}_vs_{b}"] = median([x[0] / y[0] for x, y in zip(rows[a], rows[b])])
     return out
+
+
+METHODS = ("kldsl", "generate", "generate+score", "kldsl-vllm", "vllm-generate")
 
 
 def plot(results: list[dict[str, Any]], path: Any) -> None:
@@ -110,11 +152,11 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["kldsl", "generate", "generate+score"]
+    methods = [m for m in METHODS if m in results[0]]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    width = 0.27
+    width = 0.8 / len(methods)
     for j, method in enumerate(methods):
-        xs = [i + (j - 1) * width for i in range(len(results))]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(results))]
         ax.bar(xs, [r[method]["seconds"] for r in results], width, label=method)
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels(
@@ -128,14 +170,26 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
     plt.close(fig)
 
 
-def main(quick: bool = False) -> dict[str, Any]:
+def main(
+    quick: bool = False,
+    eager: bool = False,
+    repeats: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    from kldsl import vllm
+
+    fast = None
+    if vllm.available() is None:  # before torch sets its threads: vLLM binds its own
+        fast = vllm.load("smollm2", enforce_eager=eager, dtype=dtype)
+        fast.sample(2, 4, prompt=SHORT_PROMPT, seed=0)  # warm-up
     torch.set_num_threads(2)
-    lm = load_lm("smollm2")
-    repeats = 1 if quick else 5
+    lm = load_lm("smollm2", device=device, dtype=dtype) if device or dtype else load_lm("smollm2")
+    repeats = repeats or (1 if quick else 5)
     lm.sample(2, 4, prompt=SHORT_PROMPT, seed=0)  # warm-up
     results = [
-        case(lm, "short prompt", SHORT_PROMPT, 32, repeats),
-        case(lm, "256-token prompt", long_prompt(lm), 16 if quick else 64, repeats),
+        case(lm, "short prompt", SHORT_PROMPT, 32, repeats, fast),
+        case(lm, "256-token prompt", long_prompt(lm), 16 if quick else 64, repeats, fast),
     ]
     targets = {"short prompt": 1.00, "256-token prompt": 0.35}
     for r in results:
@@ -159,8 +213,32 @@ def main(quick: bool = False) -> dict[str, Any]:
                 "met": None,
             }
         )
+    for r in results if fast is not None else []:
+        headline.append(
+            {
+                "name": f"{r['case']}: kldsl on vLLM / raw vLLM generate (N={r['n']})",
+                "value": round(r["ratio_kldsl-vllm_vs_vllm-generate"], 3),
+                "target": "≤ 1.15",
+                "met": r["ratio_kldsl-vllm_vs_vllm-generate"] <= 1.15,
+            }
+        )
+        headline.append(
+            {
+                "name": f"{r['case']}: kldsl on vLLM / HF generate (N={r['n']})",
+                "value": round(r["ratio_kldsl-vllm_vs_generate"], 3),
+                "target": None,
+                "met": None,
+            }
+        )
     payload = {
-        "settings": {"repeats": repeats, "quick": quick},
+        "settings": {
+            "repeats": repeats,
+            "quick": quick,
+            "vllm": fast is not None,
+            "eager": eager,
+            "device": str(lm.device),
+            "dtype": str(next(lm.model.parameters()).dtype),
+        },
         "results": results,
         "headline": headline,
     }
@@ -172,10 +250,23 @@ def main(quick: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--repeats", type=int, help="timed repeats (default 5, 1 with --quick)")
+    parser.add_argument("--device", help="the hf runtime's device, e.g. cuda (default cpu)")
+    parser.add_argument("--dtype", help="both runtimes' dtype, e.g. bfloat16 (default float32)")
     args = parser.parse_args()
-    for r in main(args.quick)["results"]:
-        print(
-            f"{r['case']}: kldsl {r['kldsl']['seconds']:.1f} s, generate "
-            f"{r['generate']['seconds']:.1f} s, ratio {r['ratio_kldsl_vs_generate']:.2f} "
-            f"(target ≤ {r['target_ratio']:.2f})"
+    for r in main(args.quick, args.eager, args.repeats, args.device, args.dtype)["results"]:
+        times = ", ".join(
+            f"{m} {r[m]['seconds']:.2f} s ({r[m]['tokens_per_s']:.0f} tok/s)"
+            for m in METHODS
+            if m in r
         )
+        print(f"{r['case']} (N={r['n']}): {times}")
+        print(f"  kldsl / generate {r['ratio_kldsl_vs_generate']:.2f}", end="")
+        if "ratio_kldsl-vllm_vs_vllm-generate" in r:
+            print(
+                f", kldsl-vllm / vllm-generate {r['ratio_kldsl-vllm_vs_vllm-generate']:.2f}, "
+                f"kldsl-vllm / generate {r['ratio_kldsl-vllm_vs_generate']:.2f}",
+                end="",
+            )
+        print()

@@ -44,10 +44,11 @@ from kldsl.lm import LM, SampleBatch, ToyLM
 from kldsl.moments import MomentFit, fit_moments
 from kldsl.parser import load, parse
 from kldsl.pyro_bridge import pyro_guide, to_pyro
-from kldsl.registry import resolve
+from kldsl.registry import Runtime, resolve
 from kldsl.samples import Samples
 from kldsl.target import Draw, Target
 from kldsl.transforms import soften, with_prompt
+from kldsl.vllm import VLLM
 
 __all__ = [
     "LM",
@@ -76,9 +77,11 @@ __all__ = [
     "Product",
     "Reward",
     "RewardExpr",
+    "Runtime",
     "SampleBatch",
     "Tilt",
     "ToyLM",
+    "VLLM",
     "constraint",
     "contains",
     "curse",

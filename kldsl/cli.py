@@ -22,6 +22,7 @@ from kldsl.errors import KldslError, shorten
 
 if TYPE_CHECKING:
     from kldsl.graph import Model
+    from kldsl.registry import Runtime
 
 
 def _console() -> Console:
@@ -152,7 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=True,
         resume=args.resume,
         overwrite=args.force,
-        runtime=args.runtime,
+        runtime=_runtime(args),
         **_engine_options(args, args.engine),
     )
     elapsed = time.perf_counter() - start
@@ -203,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.n,
         progress=True,
-        runtime=args.runtime,
+        runtime=_runtime(args),
     )
     elapsed = time.perf_counter() - start
     table = Table(title_justify="left")
@@ -269,7 +270,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         progress=True,
         resume=args.resume,
         overwrite=args.overwrite,
-        runtime=args.runtime,
+        runtime=_runtime(args),
         **options,
     )
     elapsed = time.perf_counter() - start
@@ -388,11 +389,49 @@ def _add_moment_flag(p: argparse.ArgumentParser) -> None:
 def _add_runtime_flag(p: argparse.ArgumentParser) -> None:
     from kldsl.registry import RUNTIMES
 
-    p.add_argument(
-        "--runtime",
-        default="hf",
-        help=f"what runs the models named in the file: {', '.join(RUNTIMES)} (default hf)",
+    group = p.add_argument_group("runtime (what runs the models named in the file)")
+    group.add_argument(
+        "--runtime", default="hf", help=f"{', '.join(RUNTIMES)} (default hf; vllm needs vLLM)"
     )
+    group.add_argument("--device", help="hf runtime: where the model runs, e.g. cuda (default cpu)")
+    group.add_argument("--dtype", help="the weights' dtype, e.g. bfloat16 (default float32 on CPU)")
+    group.add_argument(
+        "--runtime-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another runtime option, e.g. tensor_parallel_size=2 for vllm (repeatable)",
+    )
+
+
+def _runtime(args: argparse.Namespace) -> Runtime:
+    """The runtime and its options from --runtime, --device, --dtype and --runtime-option."""
+    from kldsl.registry import Runtime
+
+    options: dict[str, object] = {}
+    for item in args.runtime_option:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise KldslError(f"--runtime-option takes KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = _option_value(text.strip())
+    for key in ("device", "dtype"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.runtime == "vllm" and "device" in options:
+        raise KldslError("--device is an hf runtime option; vLLM picks its device itself")
+    return Runtime.of(args.runtime, **options)
+
+
+def _option_value(text: str) -> object:
+    """A command-line option value: an int, a float, true/false, or the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

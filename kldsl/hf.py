@@ -101,9 +101,11 @@ class HFLM(LM):
         *,
         name: str | None = None,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> HFLM:
-        """Load a hub name or a local folder with the ordinary Hugging Face loading code.
+        """Load a hub name or a local folder with the ordinary Hugging Face loading code, in
+        ``dtype`` onto ``device`` (default the CPU; see :func:`placement`).
 
         Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (and the
         ones a tokenizer also takes, like ``revision``, to ``AutoTokenizer``). Weights load
@@ -164,6 +166,8 @@ class HFLM(LM):
                 f"could not load model {source!r} ({type(err).__name__}: {reason}); {tried}. "
                 f"To fix: {todo}."
             ) from err
+        if device is not None:
+            model.to(device)
         return cls(model, tokenizer, name)
 
     def __hash__(self) -> int:
@@ -512,6 +516,51 @@ class CachedDecoding(Decoding):
         index = index.to(self.lm.device)
         _keep_rows(self.cache, index)
         self.logprobs = self.logprobs.index_select(0, index)
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def placement(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> dict[str, Any]:
+    """The ``device`` and ``dtype`` keywords of :meth:`HFLM.from_pretrained` from what a user
+    wrote (``"cuda"``, ``"cuda:1"``, ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ...), checked;
+    only the ones given.
+
+    Example:
+        >>> placement("cpu", "bf16")
+        {'device': device(type='cpu'), 'dtype': torch.bfloat16}
+    """
+    out: dict[str, Any] = {}
+    if device is not None:
+        try:
+            out["device"] = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise KldslModelLoadError(
+                f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N"
+            ) from err
+        if out["device"].type == "cuda" and not torch.cuda.is_available():
+            raise KldslModelLoadError(
+                f"device {device!r} asked for, but torch sees no CUDA GPU here (torch "
+                f"{torch.__version__}); install a CUDA build of torch or use device='cpu'"
+            )
+    if dtype is not None:
+        chosen = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype).lower())
+        if chosen is None:
+            raise KldslModelLoadError(
+                f"unknown dtype {dtype!r}; use one of {', '.join(sorted(set(_DTYPES)))}"
+            )
+        out["dtype"] = chosen
+    return out
 
 
 def pad(

@@ -28,7 +28,7 @@ from kldsl.errors import KldslError, KldslNameError
 from kldsl.graph import Model
 from kldsl.lm import LM, make_generator
 from kldsl.moments import fit_of
-from kldsl.registry import check_runtime, resolve
+from kldsl.registry import Runtime, check_runtime, resolve
 from kldsl.sink import Sink
 from kldsl.target import Target
 from kldsl.transforms import moments_of
@@ -170,7 +170,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
-    runtime: str = ...,
+    runtime: str | Runtime = ...,
     **options: Any,
 ) -> Samples: ...
 
@@ -187,7 +187,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
-    runtime: str = ...,
+    runtime: str | Runtime = ...,
     **options: Any,
 ) -> Fit: ...
 
@@ -204,7 +204,7 @@ def infer(
     progress: bool | None = ...,
     resume: bool = ...,
     overwrite: bool = ...,
-    runtime: str = ...,
+    runtime: str | Runtime = ...,
     **options: Any,
 ) -> Samples | Fit: ...
 
@@ -220,7 +220,7 @@ def infer(
     progress: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    runtime: str = "hf",
+    runtime: str | Runtime = "hf",
     **options: Any,
 ) -> Samples | Fit:
     """Approximate the posterior of ``model`` with ``engine``.
@@ -229,10 +229,14 @@ def infer(
     fine-tuned LM) from a fitting engine (``variational``, ``pyro-svi``; see
     :attr:`Engine.fits`).
 
-    Every prior's model name resolves to an LM here, on ``runtime`` (``"hf"``, Hugging Face
-    transformers; :func:`kldsl.registry.resolve`): building or printing a model loads
-    nothing, and a name that cannot be loaded fails here with a
-    :class:`kldsl.KldslModelLoadError`.
+    Every prior's model name resolves to an LM here, on ``runtime``
+    (:func:`kldsl.registry.resolve`): ``"hf"``, Hugging Face transformers (the default), or
+    ``"vllm"``, vLLM's engine (:class:`kldsl.VLLM`; a script using it needs the
+    ``if __name__ == "__main__":`` guard); ``kl.Runtime.of("hf", device="cuda",
+    dtype="bfloat16")`` or ``kl.Runtime.of("vllm", tensor_parallel_size=2)`` adds the
+    runtime's options. Building or printing a model loads nothing, and a name that cannot
+    be loaded fails here with a :class:`kldsl.KldslModelLoadError`. Fitting engines train
+    on the hf runtime.
 
     ``proposal`` is any LM (or a model name / folder) to draw from instead of the prior;
     ``out`` streams every draw to a JSON-lines file as it is made, so a failure later
@@ -261,6 +265,11 @@ def infer(
         raise KldslError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_runtime(runtime)
     chosen = get_engine(engine)
+    if chosen.fits and Runtime.of(runtime).name != "hf":
+        raise KldslError(
+            f"engine {engine!r} fine-tunes, and training (rollouts included) runs on the hf "
+            f"runtime; drop runtime={Runtime.of(runtime).name!r} (hf takes device= and dtype=)"
+        )
     unknown = set(options) - set(chosen.options())
     if unknown:
         raise KldslError(

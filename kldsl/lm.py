@@ -55,9 +55,34 @@ def pick(log_probs: Tensor, tokens: Tensor) -> Tensor:
 
 
 def draw(log_probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One token per row from a [B, V] matrix of log-probabilities (pure ancestral sampling)."""
-    probs = log_probs.detach().float().exp().cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    """One token per row (on the CPU) from a [B, V] matrix of log-probabilities (pure
+    ancestral sampling), drawn with the CPU ``generator``.
+
+    On the CPU it is ``torch.multinomial``. On another device (a GPU) only B uniforms go
+    there and B token ids come back: the CDF is inverted where the rows live, so no
+    full-vocabulary row crosses to the host. Both are exact; they draw different tokens for
+    the same seed.
+    """
+    if log_probs.device.type == "cpu":
+        probs = log_probs.detach().float().exp()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    u = torch.rand(len(log_probs), generator=generator, dtype=torch.float64)
+    return invert_cdf(log_probs, u.to(log_probs.device)).cpu()
+
+
+def invert_cdf(log_probs: Tensor, u: Tensor) -> Tensor:
+    """The token of each row of [B, V] log-probabilities whose CDF interval holds the
+    uniform ``u[row]`` in [0, 1), computed where the rows are.
+
+    Example:
+        >>> lp = torch.tensor([[0.25, 0.5, 0.25]]).log()
+        >>> [int(invert_cdf(lp, torch.tensor([u]))) for u in (0.1, 0.3, 0.8)]
+        [0, 1, 2]
+    """
+    cdf = log_probs.detach().double().exp().cumsum(1)
+    # u · total, not u: a row sums to 1 only up to rounding; the clamp guards u · total = total
+    tokens = torch.searchsorted(cdf, u.double().unsqueeze(1) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=cdf.shape[1] - 1).squeeze(1)
 
 
 def count_sequences(vocab_size: int, max_tokens: int, cap: int) -> int | None:

@@ -66,7 +66,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     )
 }
 
-_LOADED: dict[str, LM] = {}
+_LOADED: dict[str | tuple, LM] = {}
 _STALE_AFTER_S = 6 * 3600  # leftover work folders of killed conversions older than this go
 
 
@@ -131,8 +131,9 @@ def fetch_embedded(name: str = "smollm2", progress: bool = True) -> Path:
     return target
 
 
-def load_lm(name_or_path: str) -> LM:
-    """An LM by embedded name, local folder or Hugging Face hub name, loaded once per process.
+def load_lm(name_or_path: str, *, device: str | None = None, dtype: str | None = None) -> LM:
+    """An LM by embedded name, local folder or Hugging Face hub name, loaded once per process
+    (and per ``device`` and ``dtype``, e.g. ``"cuda"`` and ``"bfloat16"``; default CPU, float32).
 
     Raises :class:`KldslModelLoadError` (saying what was tried and what to do) when the
     model cannot be loaded.
@@ -143,14 +144,17 @@ def load_lm(name_or_path: str) -> LM:
     path = Path(key).expanduser()
     if key not in EMBEDDED and path.is_dir():
         key = str(path.resolve())
-    if key in _LOADED:
-        return _LOADED[key]
-    from kldsl.hf import HFLM
+    from kldsl.hf import HFLM, placement
+
+    where = placement(device, dtype)
+    cached = (key, *where.values()) if where else key
+    if cached in _LOADED:
+        return _LOADED[cached]
 
     if key in EMBEDDED:
         folder = fetch_embedded(key)
         try:
-            lm: LM = HFLM.from_pretrained(folder, name=key)
+            lm: LM = HFLM.from_pretrained(folder, name=key, **where)
         except KldslModelLoadError as err:
             raise KldslModelLoadError(
                 f"{err}\nThe cached copy of {key!r} may be damaged: delete {folder} and kldsl "
@@ -160,11 +164,14 @@ def load_lm(name_or_path: str) -> LM:
         from kldsl.fit import load_model
 
         lm = load_model(path, name=str(name_or_path))
+        model = getattr(lm, "model", None)
+        if where and model is not None:
+            model.to(**where)
     elif path.is_dir():
-        lm = HFLM.from_pretrained(path, name=str(name_or_path))
+        lm = HFLM.from_pretrained(path, name=str(name_or_path), **where)
     else:
         try:
-            lm = HFLM.from_pretrained(key, name=key)
+            lm = HFLM.from_pretrained(key, name=key, **where)
         except KldslModelLoadError as err:
             near = closest(key, EMBEDDED)
             hint = f" Did you mean the embedded model {near!r}?" if near else ""
@@ -172,7 +179,7 @@ def load_lm(name_or_path: str) -> LM:
                 f"{err}{hint}\nAlternatives that work offline: the embedded models "
                 f"({', '.join(sorted(EMBEDDED))}) or a local folder written by save_pretrained."
             ) from err.__cause__
-    _LOADED[key] = lm
+    _LOADED[cached] = lm
     return lm
 
 

@@ -296,15 +296,19 @@ def test_log_density_with_lms_refuses_a_prior_it_has_no_lm_for(toy):
     assert m.log_density([[1]], lms={"named": toy}).log_p.shape == (1,)
 
 
-def test_resolve_returns_an_lm_itself_and_knows_only_the_hf_runtime(toy):
+def test_resolve_returns_an_lm_itself_and_knows_the_hf_and_vllm_runtimes(toy):
     assert kl.resolve(toy) is toy and kl.resolve(kl.prior(toy)) is toy
+    assert kl.resolve(toy, runtime="vllm") is toy  # an LM object runs as it is
     m = kl.prior(toy, max_tokens=2)
     for call in (
-        lambda: kl.resolve(toy, runtime="vllm"),
-        lambda: kl.Target(m, runtime="vllm"),
-        lambda: kl.infer(m, n=4, runtime="vllm"),
+        lambda: kl.resolve(toy, runtime="onnx"),
+        lambda: kl.Target(m, runtime="onnx"),
+        lambda: kl.infer(m, n=4, runtime="onnx"),
+        lambda: kl.infer(m, n=4, runtime=kl.Runtime("onnx")),
     ):
-        with pytest.raises(kl.KldslNameError, match="unknown runtime 'vllm'") as err:
+        with pytest.raises(kl.KldslNameError, match="unknown runtime 'onnx'") as err:
             call()
-        assert "known: hf" in str(err.value)
+        assert "known: hf, vllm" in str(err.value)
+    with pytest.raises(kl.KldslError, match="runs on the hf runtime"):
+        kl.infer(m, engine="variational", runtime="vllm")
     assert kl.infer(m, n=4, runtime="hf").engine == "importance"

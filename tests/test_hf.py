@@ -150,6 +150,48 @@ def test_from_pretrained_local_folder(tiny, tiny_folder):
     assert kl.resolve(str(tiny_folder)) is models.load_lm(str(tiny_folder))
 
 
+# bfloat16 keeps 8 bits of mantissa: weights and activations round by 2^-9 relative, so
+# logits of size up to ~5 move by about 1e-2 and a token's log-prob by up to about twice
+# that; 0.05 per token leaves a factor ~2 of margin and still fails for a wrong token
+BF16_TOL_PER_TOKEN = 0.05
+
+
+def test_dtype_and_device_options_reach_the_model(tiny, tiny_folder):
+    half = kl.resolve(str(tiny_folder), dtype="bf16", device="cpu")
+    assert next(half.model.parameters()).dtype == torch.bfloat16 and half.device.type == "cpu"
+    assert half is kl.resolve(
+        str(tiny_folder), runtime=kl.Runtime.of("hf", dtype="bf16", device="cpu")
+    )
+    assert half is not kl.resolve(str(tiny_folder))  # each dtype is loaded (and cached) apart
+    batch = half.sample(100, max_tokens=10, prompt="ab", seed=0)
+    scored = half.score(batch.ids, prompt="ab")
+    exact = tiny.score(batch.ids, prompt="ab")
+    bound = BF16_TOL_PER_TOKEN * torch.tensor([len(s) for s in batch.ids], dtype=torch.float64)
+    # sampler and scorer are two bfloat16 computations, each within the bound of float32's
+    assert ((batch.log_probs - exact).abs() <= bound).all()
+    assert ((scored - exact).abs() <= bound).all()
+    for bad in ({"dtype": "int3"}, {"device": "tpu:x"}):
+        with pytest.raises(KldslModelLoadError, match="unknown"):
+            kl.resolve(str(tiny_folder), **bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(KldslModelLoadError, match="no CUDA GPU"):
+            kl.resolve(str(tiny_folder), device="cuda")
+
+
+def test_inverting_the_cdf_draws_the_distribution():
+    # the sampler's path on a GPU (draw() on a non-CPU tensor), checked here on the CPU
+    from stats import chi_square
+
+    from kldsl.lm import invert_cdf
+
+    probs = torch.tensor([0.1, 0.0, 0.45, 0.05, 0.4], dtype=torch.float64)
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens = invert_cdf(probs.log().expand(len(u), -1), u).tolist()
+    assert 1 not in tokens  # a zero-probability token is never drawn
+    stat, limit = chi_square(tokens, dict(enumerate(probs.tolist())))
+    assert stat < limit
+
+
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(KldslModelLoadError, match="does not exist") as err:
         HFLM.from_pretrained(tmp_path / "nope")
@@ -220,3 +262,37 @@ def test_cached_continuations_match_the_generic_ones(tiny):
     per_token = tiny.token_log_probs(full, prompt=prompt)
     for prefix, tail_lp, every in zip(prefixes, fast[1], per_token):
         assert tail_lp == pytest.approx(every[len(prefix) :], abs=1e-5)
+
+
+def test_cli_runtime_flags_build_the_runtime():
+    from kldsl.cli import build_parser
+
+    def runtime(*flags):
+        from kldsl.cli import _runtime
+
+        return _runtime(build_parser().parse_args(["sample", "m.kl", *flags]))
+
+    assert runtime() == kl.Runtime("hf")
+    assert runtime("--device", "cuda", "--dtype", "bf16").kwargs == {
+        "device": "cuda",
+        "dtype": "bf16",
+    }
+    chosen = runtime(
+        "--runtime",
+        "vllm",
+        "--runtime-option",
+        "tensor_parallel_size=2",
+        "--runtime-option",
+        "enforce-eager=true",
+        "--dtype",
+        "bfloat16",
+    )
+    assert chosen.name == "vllm"
+    assert chosen.kwargs == {"tensor_parallel_size": 2, "enforce_eager": True, "dtype": "bfloat16"}
+    for flags, message in (
+        (("--runtime-option", "oops"), "KEY=VALUE"),
+        (("--runtime", "vllm", "--device", "cuda"), "hf runtime option"),
+        (("--runtime", "onnx"), "unknown runtime"),
+    ):
+        with pytest.raises(kl.KldslError, match=message):
+            runtime(*flags)
