@@ -21,13 +21,14 @@ for particles that died or finished).
 pair and no Paris target: about 15 minutes on this shared 2-core machine under load (one
 forward of 16 rows then takes about 2 s; the full run takes hours here).
 
-    python -m benchmarks.smc [--quick]
+    python -m benchmarks.smc [--quick] [--only lipogram flagship paris speed]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -156,100 +157,126 @@ def speed(model: kl.Model, n: int, seeds: int) -> dict[str, Any]:
     return {"seconds": times, "smc": smc, "importance": imp, "ratio": smc / imp}
 
 
-def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
-    s = settings or (QUICK if quick else FULL)
-    load_lm("smollm2")  # loaded once, before anything is timed
+SECTIONS = ("lipogram", "flagship", "paris", "speed")
+
+
+def run_section(name: str, s: Settings) -> dict[str, Any]:
+    """One section's figures (see the module docstring)."""
     base = prior(s)
-    print("lipogram", flush=True)
-    lipogram = compare(
-        base | ~kl.contains("e"),
-        {
+    flagship_model = base * kl.exp(kl.sentiment / 0.2) | ~kl.curse
+    print(name, flush=True)
+    if name == "lipogram":
+        methods = {
             "smc direct": ("smc", {}),
             "smc awrs": ("smc", {"token_sampler": "awrs"}),
             "importance": ("importance", {}),
-        },
-        s.particles,
-        s,
-    )
-    print("flagship", flush=True)
-    flagship_model = base * kl.exp(kl.sentiment / 0.2) | ~kl.curse
-    flagship = compare(
-        flagship_model,
-        {
+        }
+        return compare(base | ~kl.contains("e"), methods, s.particles, s)
+    if name == "flagship":
+        methods = {
             "smc": ("smc", {}),
             "smc twist": ("smc", {"twist": "prefix"}),
             "importance": ("importance", {}),
-        },
-        s.flagship_particles,
-        s,
-    )
-    paris: dict[str, Any] = {}
-    paris_methods: dict[str, tuple[str, dict[str, Any]]] = {
-        "smc prior": ("smc", {}),
-        "importance": ("importance", {}),
-    }
-    fit = fine_tuned()
-    if fit is not None:
-        paris_methods["smc fine-tuned"] = ("smc", {"proposal": fit[0]})
-    if s.paris:
-        print("paris", flush=True)
-        paris = compare(base | kl.contains("Paris"), paris_methods, (s.particles[-1],), s)
-    print("speed", flush=True)
-    timing = speed(flagship_model, 64, s.speed_seeds)
-    n_top = s.particles[-1]
-    awrs = lipogram[f"smc awrs n={n_top}"]
-    nf = s.flagship_particles[-1]
-    best = max(
-        flagship[f"smc n={nf}"]["ess_per_1000"] or 0.0,
-        flagship[f"smc twist n={nf}"]["ess_per_1000"] or 0.0,
-    )
-    imp = flagship[f"importance n={nf}"]["ess_per_1000"] or 0.0
-    ess_ratio = best / imp if imp > 0 else None
-    headline = [
-        {
-            "name": f"lipogram: smc awrs valid share (n={n_top})",
-            "value": awrs["valid"],
-            "target": 1.0,
-            "met": awrs["valid"] == 1.0,
-        },
-        {
-            "name": f"lipogram: smc awrs log Ẑ spread over {s.seeds} seeds (n={n_top})",
-            "value": awrs["log_z_spread"],
-            "unit": "nat",
-            "target": f"< {SPREAD_TARGET}",
-            "met": awrs["log_z_spread"] is not None and awrs["log_z_spread"] < SPREAD_TARGET,
-        },
-        {
-            "name": f"flagship: smc ESS per token forward / importance's (n={nf})",
-            "value": ess_ratio,
-            "unit": "×",
-            "target": f"≥ {ESS_TARGET}",
-            "met": None if ess_ratio is None else ess_ratio >= ESS_TARGET,
-        },
-        {
-            "name": f"speed: smc direct / importance wall time (64 × {s.max_tokens} tokens)",
-            "value": timing["ratio"],
-            "unit": "×",
-            "target": f"≤ {SPEED_TARGET}",
-            "met": timing["ratio"] <= SPEED_TARGET,
-        },
-    ]
+        }
+        return compare(flagship_model, methods, s.flagship_particles, s)
+    if name == "paris":
+        methods: dict[str, tuple[str, dict[str, Any]]] = {
+            "smc prior": ("smc", {}),
+            "importance": ("importance", {}),
+        }
+        fit = fine_tuned()
+        if fit is not None:
+            methods["smc fine-tuned"] = ("smc", {"proposal": fit[0]})
+        out = compare(base | kl.contains("Paris"), methods, (s.particles[-1],), s)
+        return {**out, "fine_tuned_proposal": None if fit is None else fit[1]}
+    return speed(flagship_model, 64, s.speed_seeds)
+
+
+def headline(sections: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
+    rows = []
+    n_top, nf = s.particles[-1], s.flagship_particles[-1]
+    if "lipogram" in sections:
+        awrs = sections["lipogram"][f"smc awrs n={n_top}"]
+        spread = awrs["log_z_spread"]
+        rows += [
+            {
+                "name": f"lipogram: smc awrs valid share (n={n_top})",
+                "value": awrs["valid"],
+                "target": 1.0,
+                "met": awrs["valid"] == 1.0,
+            },
+            {
+                "name": f"lipogram: smc awrs log Ẑ spread over {s.seeds} seeds (n={n_top})",
+                "value": spread,
+                "unit": "nat",
+                "target": f"< {SPREAD_TARGET}",
+                "met": spread is not None and spread < SPREAD_TARGET,
+            },
+        ]
+    if "flagship" in sections:
+        f = sections["flagship"]
+        best = max(
+            f[f"smc n={nf}"]["ess_per_1000"] or 0.0, f[f"smc twist n={nf}"]["ess_per_1000"] or 0.0
+        )
+        imp = f[f"importance n={nf}"]["ess_per_1000"] or 0.0
+        ratio = best / imp if imp > 0 else None
+        rows.append(
+            {
+                "name": f"flagship: smc ESS per token forward / importance's (n={nf})",
+                "value": ratio,
+                "unit": "×",
+                "target": f"≥ {ESS_TARGET}",
+                "met": None if ratio is None else ratio >= ESS_TARGET,
+            }
+        )
+    if "speed" in sections:
+        ratio = sections["speed"]["ratio"]
+        rows.append(
+            {
+                "name": f"speed: smc direct / importance wall time (64 × {s.max_tokens} tokens)",
+                "value": ratio,
+                "unit": "×",
+                "target": f"≤ {SPEED_TARGET}",
+                "met": ratio <= SPEED_TARGET,
+            }
+        )
+    return rows
+
+
+def main(
+    quick: bool = False, settings: Settings | None = None, only: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run the sections (``only``: some of them, merged into the results file of earlier
+    runs with the same settings, so sections can run in separate processes)."""
+    s = settings or (QUICK if quick else FULL)
+    load_lm("smollm2")  # loaded once, before anything is timed
+    names = only or tuple(n for n in SECTIONS if n != "paris" or s.paris)
+    sections: dict[str, Any] = {}
+    path = RESULTS / "smc.json"
+    if only and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == json.loads(json.dumps(dataclasses.asdict(s))):
+            sections = stored.get("sections", {})
+    for name in names:
+        sections[name] = run_section(name, s)
+    if only and path.is_file():  # another process may have finished a section meanwhile
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == json.loads(json.dumps(dataclasses.asdict(s))):
+            sections = {**stored.get("sections", {}), **sections}
     payload = {
         "settings": dataclasses.asdict(s),
         "quick": quick,
-        "lipogram": lipogram,
-        "flagship": flagship,
-        "paris": paris,
-        "paris_proposal": None if fit is None else fit[1],
-        "speed": timing,
-        "headline": headline,
+        "sections": sections,
+        "headline": headline(sections, s),
     }
-    path = write("smc", payload)
-    print(f"wrote {path}")
+    written = write("smc", payload)
+    print(f"wrote {written}")
     return payload
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    main(parser.parse_args().quick)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[])
+    args = parser.parse_args()
+    main(args.quick, only=tuple(args.only))

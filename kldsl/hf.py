@@ -497,6 +497,7 @@ class CachedDecoding(Decoding):
     computes them, so decoding and sampling draw the same tokens from the same generator.
     """
 
+    @torch.no_grad()
     def __init__(self, lm: HFLM, context: Ids, n: int, room: int):
         self.lm = lm
         self.cache, self.logprobs = lm._broadcast(context, n, room)

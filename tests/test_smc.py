@@ -72,29 +72,35 @@ def assert_unbiased(z: torch.Tensor, exact: float) -> None:
 
 
 def _decode_and_score(model: LM, prompt: str, room: int | None) -> None:
-    """Decode 3 rows for 6 steps (duplicating rows midway), summing the log-prob of each
-    token drawn, and compare with scoring the finished sequences."""
+    """Decode 3 rows for 6 steps (duplicating rows midway), keeping the log-prob of each
+    token drawn, and compare them token by token with teacher-forced scoring."""
     dec = model.decoder(prompt, n=3, max_tokens=room)
     seqs: list[list[int]] = [[], [], []]
-    total = torch.zeros(3, dtype=torch.float64)
+    token_lp: list[list[float]] = [[], [], []]
     gen = torch.Generator().manual_seed(0)
     for step in range(6):
         tokens = torch.multinomial(dec.logprobs.double().exp(), 1, generator=gen).squeeze(1)
         tokens[tokens == model.eos_id] = (model.eos_id + 1) % model.vocab_size
-        total += pick(dec.logprobs, tokens).double().cpu()
-        for seq, tok in zip(seqs, tokens.tolist()):
+        for seq, lps, tok, lp in zip(seqs, token_lp, tokens.tolist(), pick(dec.logprobs, tokens)):
             seq.append(tok)
+            lps.append(float(lp))
         if step == 2:  # resampling: rows 2, 2, 0
             index = torch.tensor([2, 2, 0])
             before = dec.logprobs.clone()
             dec.select(index)
             assert torch.equal(dec.logprobs.cpu(), before[index].cpu())
-            seqs, total, tokens = [list(seqs[i]) for i in index], total[index], tokens[index]
+            seqs = [list(seqs[i]) for i in index]
+            token_lp = [list(token_lp[i]) for i in index]
+            tokens = tokens[index]
         if step < 5:
             dec.extend(tokens)
     assert seqs[0][:3] == seqs[1][:3]  # row 2 twice, then each drew its own tokens
+    forced = model.token_log_probs(seqs, prompt=prompt)
+    for mine, theirs in zip(token_lp, forced):
+        assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), atol=HF_TOL, rtol=0)
     scores = model.score(seqs, prompt=prompt)
-    assert torch.allclose(total, scores, atol=HF_TOL, rtol=0)
+    totals = torch.tensor([sum(lps) for lps in token_lp], dtype=torch.float64)
+    assert torch.allclose(totals, scores, atol=HF_TOL, rtol=0)
 
 
 def test_prefix_decoding_equals_score():
