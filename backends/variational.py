@@ -32,9 +32,10 @@ Low ESS. At small Z a batch of q's draws holds a hit or none, and the weights ha
 of 1 or 0. Self-normalised, a batch without a hit gives no gradient at all (a running-Ẑ
 estimate would still apply the π/q baseline, zero-mean noise that drifts π away from q),
 and one hit gives one maximum-likelihood step on it: the weights W sum to n, so the p*
-term of a step is never larger than maximum likelihood on the batch. ``min_ess`` additionally skips the optimizer step of a batch whose
-ESS is below it; measured on the exact targets below it only slows training (Adam's
-momentum carries a useful direction over an empty batch), so the default 0 never skips.
+term of a step is never larger than maximum likelihood on the batch. ``min_ess`` also
+skips the optimizer step of a batch whose ESS is below it; measured on the exact targets
+below, that only slows training (without it Adam's momentum carries the last direction
+over an empty batch), so the default 0 never skips.
 
 Proposal updates (importance sampler). Every ``swap_every`` steps, before the update,
 ``swap_samples`` fresh draws, half from q and half from π, estimate the gain G =

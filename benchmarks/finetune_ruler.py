@@ -22,9 +22,9 @@ KL is saved to ``results/<size's fit_folder>`` for benchmark 4 (``benchmarks/amo
 Sizes (``--size``): ``full``, the published DPG setting (40 steps × 64 samples, lr 1e-4,
 full fine-tuning, 256 fresh draws; several hours on a 2-core CPU, minutes on a GPU);
 ``lora``, the same with LoRA r=8 on q/k/v/o_proj at lr 3e-3; ``short`` (the default of
-this script), LoRA with 6 steps × 16 (4 exact samples a step for rejection), 384 prior
-draws for Z and 64 fresh draws per π, sized for about 20 minutes on a shared 2-core
-machine; ``quick`` (``--quick``, what ``make bench-quick`` runs): max_tokens 16, forward_kl
+this script), LoRA with 8 steps × 8 (2 exact samples a step for rejection), 256 prior
+draws for Z and 32 fresh draws per π, sized for about 20 minutes on a shared 2-core
+machine (threads: ``OMP_NUM_THREADS``, default 2; 1 is faster on a loaded machine); ``quick`` (``--quick``, what ``make bench-quick`` runs): max_tokens 16, forward_kl
 only, 2 steps of 8 — a check that the pipeline runs, nothing more. Results go to
 ``results/finetune_ruler.json`` (full) or ``finetune_ruler_<size>.json``.
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 import warnings
 from typing import Any
@@ -87,11 +88,11 @@ LORA = dataclasses.replace(
 )
 SHORT = dataclasses.replace(  # sized for a shared 2-core machine: about 20 minutes
     LORA,
-    steps=6,
-    batch_size=16,
-    rejection_batch=4,
-    rejection_draws=384,
-    eval_draws=64,
+    steps=8,
+    batch_size=8,
+    rejection_batch=2,
+    rejection_draws=256,
+    eval_draws=32,
     fit_folder="paris_fit_short",
 )
 QUICK = Settings(
@@ -438,7 +439,7 @@ def main(
     quick: bool = False, settings: Settings | None = None, size: str | None = None
 ) -> dict[str, Any]:
     """Run one size (``quick``: the pipeline check; default: the full setting)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     size = size or ("quick" if quick else "full")
     s = settings or SIZES[size]
     model = target(s.max_tokens)

@@ -42,7 +42,7 @@ BUDGETS = {
     ("importance", "z_01"): dict(steps=40, batch_size=32),
     ("importance", "z_001"): dict(steps=40, batch_size=128),
 }
-SAMPLE_BUDGET = dict(steps=10, batch_size=16)
+SAMPLE_BUDGET = dict(steps=10, batch_size=8)
 
 
 def test_the_targets_have_the_stated_z():
@@ -74,7 +74,7 @@ def test_defaults_bring_pi_closer_to_p_star_at_small_z(objective, sampler, targe
     after = exact_divergences(fit.model, model)["kl_p_pi"]
     # measured (benchmarks/objectives.py, 3 seeds, importance): z_01 4.55 → 0.66 forward_kl,
     # 0.99 js; z_001 6.98 → 2.12, 2.44 (worst seeds 2.42, 2.95); rejection at this budget
-    # (10 steps × 16): 2.2 and 3.6. 0.8× the start leaves room for any seed.
+    # (10 steps × 8, seeds 0 and 1): 2.19–2.23 and 3.62–3.77. 0.8× the start leaves room.
     assert after < 0.8 * before
     assert fit.info["sampler"] == sampler
 
