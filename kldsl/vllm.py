@@ -141,6 +141,9 @@ class VLLM(LM):
             "max_logprobs": -1,  # next_logprobs asks for the whole vocabulary
             "generation_config": "vllm",  # never the model's sampling defaults
             "max_num_seqs": MAX_NUM_SEQS,
+            # on CPU, a seeded request whose prompt is split over steps crashes vLLM 0.32
+            # ("CPU Generator does not use offset"): schedule whole prompts there
+            **({"enable_chunked_prefill": False} if on_cpu else {}),
             **engine_options,
         }
         try:

@@ -107,6 +107,14 @@ def test_the_same_seed_gives_the_same_samples(fast):
     assert a.ids != c.ids
 
 
+def test_many_seeded_rows_after_a_long_prompt(fast, hf):
+    # 64 rows x 109 context tokens exceed one step's token budget (4,096): a prompt split
+    # over steps once crashed seeded sampling on CPU
+    prompt = "abcdefgh " * 12
+    batch = fast.sample(64, max_tokens=4, prompt=prompt, seed=0)
+    assert (batch.log_probs - hf.score(batch.ids, prompt=prompt)).abs().max() < TOL
+
+
 def test_continuations_and_token_log_probs_are_the_hf_runtimes(fast, hf):
     prefixes = [[], [3], [3, 4, 5], [6] * 6]
     tails, token_lp = fast.sample_continuations(prefixes, MAX_TOKENS, prompt="ab", seed=2)
