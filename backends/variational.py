@@ -108,7 +108,7 @@ from kldsl.backends.variational_state import (
 from torch import Tensor
 
 from kldsl import weights
-from kldsl.errors import KldslInferenceError
+from kldsl.errors import KldslInferenceError, KldslNoSupportError
 from kldsl.estimators import (
     OBJECTIVES,
     Batch,
@@ -625,7 +625,12 @@ def step(tr: Trainer, state: State, *, started: float) -> tuple[State, StepInfo]
     evidence = None
     if tr.proposal is not None and state.step > 0 and state.step % tr.swap_every == 0:
         evidence = _evidence(tr, state)  # π before this step's update: the π that may be q
-    drawn = _draw(tr, state) if tr.sampler_engine is None else _draw_sampler(tr, state)
+    try:
+        drawn = _draw(tr, state) if tr.sampler_engine is None else _draw_sampler(tr, state)
+    except KldslNoSupportError:
+        if tr.world > 1:  # the other processes' collective calls would wait for this one
+            raise
+        return _no_support_step(tr, state, evidence, started=started, t0=t0)
     batches, log_pis = drawn
     local = torch.cat([b.stack() for b in batches])
     every = local if tr.world == 1 else tr.acc.gather(local.to(tr.acc.device)).cpu()
@@ -666,30 +671,71 @@ def step(tr: Trainer, state: State, *, started: float) -> tuple[State, StepInfo]
     seen = [state.log_z(k) for k in range(len(tr.prompts)) if state.count[k]]
     measured["log_z"] = sum(seen) / len(seen)  # the mean of log Ẑ over prompts seen
     measured["draws"] = float(cols.draws.sum())
-    replaced = None
     if not tr.on_policy:
         measured["skipped"] = skipped / len(groups)
-    if tr.proposal is not None:
-        replaced = False
-        if evidence is not None:
-            measured.update({f"swap/{key}": value for key, value in evidence.items()})
-            measured["draws"] += tr.swap_samples
-            replaced = bool(evidence["replace"])
-        if replaced:
-            assert tr.q_params is not None
-            with torch.no_grad():  # q ← π (the π that was just evaluated, pre-update)
-                for k, p in tr.pi_params.items():
-                    tr.q_params[k].copy_(p)
-            state = replace(state, proposal_updates=state.proposal_updates + 1)
+    state, replaced = _apply_evidence(tr, state, evidence, measured)
 
     if skipped == len(groups) and not tr.on_policy:
         grad_norm = 0.0  # no hit to learn from: no step (Adam would move on momentum alone)
     else:
         grad_norm = _update(tr, coef, log_pis, rows=len(local))
+    loss = float(-(coef * cols.log_pi).mean())
+    return _record(tr, state, measured, replaced, loss, grad_norm, started=started, t0=t0)
+
+
+def _no_support_step(
+    tr: Trainer, state: State, evidence: dict[str, Any] | None, *, started: float, t0: float
+) -> tuple[State, StepInfo]:
+    """The step when the sampling engine found no draw with p̃ > 0 in a shard: its draws
+    enter the running Ẑ with weight zero, π is not updated (nothing to learn from), and a
+    pending proposal update is still decided on its evidence."""
+    draws = tr.shard_size * len(tr.mine)
+    for shard in tr.mine:
+        k = _prompt_index(state.base_seed, state.step, shard, len(tr.prompts))
+        state = state.with_weights(k, torch.full((1,), -math.inf), draws=tr.shard_size)
+    seen = [state.log_z(k) for k in range(len(tr.prompts)) if state.count[k]]
+    measured = {"log_z": sum(seen) / len(seen), "draws": float(draws), "skipped": 1.0}
+    state, replaced = _apply_evidence(tr, state, evidence, measured)
+    return _record(tr, state, measured, replaced, 0.0, 0.0, started=started, t0=t0)
+
+
+def _apply_evidence(
+    tr: Trainer, state: State, evidence: dict[str, Any] | None, measured: dict[str, float]
+) -> tuple[State, bool | None]:
+    """Record a proposal-update test in ``measured`` and replace q by π when it says so;
+    the state and whether q was replaced (None: no frozen proposal)."""
+    if tr.proposal is None:
+        return state, None
+    replaced = False
+    if evidence is not None:
+        measured.update({f"swap/{key}": value for key, value in evidence.items()})
+        measured["draws"] += tr.swap_samples
+        replaced = bool(evidence["replace"])
+    if replaced:
+        assert tr.q_params is not None
+        with torch.no_grad():  # q ← π (the π that was just evaluated, pre-update)
+            for k, p in tr.pi_params.items():
+                tr.q_params[k].copy_(p)
+        state = replace(state, proposal_updates=state.proposal_updates + 1)
+    return state, replaced
+
+
+def _record(
+    tr: Trainer,
+    state: State,
+    measured: dict[str, float],
+    replaced: bool | None,
+    loss: float,
+    grad_norm: float,
+    *,
+    started: float,
+    t0: float,
+) -> tuple[State, StepInfo]:
+    """The step's :class:`StepInfo`, and the state one step on with it in its history."""
     elapsed = time.perf_counter() - t0
     info = StepInfo(
         step=state.step + 1,
-        loss=float(-(coef * cols.log_pi).mean()),
+        loss=loss,
         grad_norm=grad_norm,
         metrics=measured,
         samples_per_s=measured["draws"] / max(elapsed, 1e-9),
@@ -697,8 +743,7 @@ def step(tr: Trainer, state: State, *, started: float) -> tuple[State, StepInfo]
         proposal_replaced=replaced,
         proposal_updates=state.proposal_updates if replaced is not None else None,
     )
-    state = replace(state, step=state.step + 1, history=(*state.history, info.record()))
-    return state, info
+    return replace(state, step=state.step + 1, history=(*state.history, info.record())), info
 
 
 def _update(tr: Trainer, coef: Tensor, log_pis: list[Tensor], rows: int) -> float:

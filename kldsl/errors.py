@@ -95,6 +95,11 @@ class KldslInferenceError(KldslError):
     """An engine could not produce a trustworthy answer (no sample satisfied a constraint, ...)."""
 
 
+class KldslNoSupportError(KldslInferenceError):
+    """No draw of an engine had p̃ > 0: every weight is zero, so Ẑ = 0 and there is no
+    sample to return (a fine-tuning step that draws with the engine skips its update)."""
+
+
 class KldslRewardError(KldslError, ValueError):
     """A reward or constraint raised, returned NaN, or returned the wrong number of values."""
 

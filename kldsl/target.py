@@ -21,7 +21,7 @@ from typing import IO
 import torch
 from torch import Tensor
 
-from kldsl.errors import KldslInferenceError
+from kldsl.errors import KldslInferenceError, KldslNoSupportError
 from kldsl.graph import Density, Model
 from kldsl.lm import LM, Ids
 from kldsl.registry import check_runtime, resolve_all
@@ -182,10 +182,10 @@ class Target:
             write_jsonl(draw, self.sink, batch=batch)
         return draw
 
-    def no_support_error(self, tried: int) -> KldslInferenceError:
+    def no_support_error(self, tried: int) -> KldslNoSupportError:
         """The error for 'no draw had p̃ > 0', naming the constraints that failed."""
         failing = " and ".join(f"`{c}`" for c in self.model.conditions()) or "the target"
-        return KldslInferenceError(
+        return KldslNoSupportError(
             f"0 of {tried} samples satisfied {failing}; Z is probably below 1/{tried} "
             f"(≈ {1 / max(tried, 1):.1e}). Try more samples (--n), a proposal closer to the "
             "constraint (fine-tune one with the variational engine and pass it as `proposal`), "

@@ -36,11 +36,15 @@ TARGETS = {"z_01": (z_01, 0.01056), "z_001": (z_001, 0.00093)}
 # later (smc) joins the parametrisation by itself
 SAMPLERS = [s for s in ("importance", "rejection", "smc") if s in kl.engines()]
 # a fixed budget per sampler and target: importance draws batch_size sequences a step (and
-# as many again for the proposal-update evidence); rejection and smc return batch_size
-# samples of p* a step, whatever they cost (rejection: about batch_size / Z prior draws)
+# as many again for the proposal-update evidence); rejection returns batch_size samples of
+# p* a step, whatever they cost (about batch_size / Z prior draws); smc runs batch_size
+# particles from the prior, which on these upward-closed constraints no prefix check can
+# prune, so it needs importance's budget (and most z_001 steps find no hit: skipped)
 BUDGETS = {
     ("importance", "z_01"): dict(steps=40, batch_size=32),
     ("importance", "z_001"): dict(steps=40, batch_size=128),
+    ("smc", "z_01"): dict(steps=40, batch_size=32),
+    ("smc", "z_001"): dict(steps=40, batch_size=128),
 }
 SAMPLE_BUDGET = dict(steps=10, batch_size=8)
 
@@ -208,6 +212,18 @@ def test_a_batch_without_a_hit_leaves_pi_unchanged():
     assert torch.equal(fit.model.logits.detach(), prior.logits.detach())
     skipping = kl.infer(model, engine="variational", steps=3, batch_size=8, lr=0.1, min_ess=1.0)
     assert fit.info["skipped_steps"] == 0 and skipping.info["skipped_steps"] == 3
+
+
+@pytest.mark.skipif("smc" not in kl.engines(), reason="the smc engine is not registered")
+def test_a_sampler_that_finds_no_hit_skips_the_step():
+    """A sampling engine that raises 'no draw had p̃ > 0' (smc, 8 particles, Z ≈ 0.001) makes
+    the step a skipped one: its draws enter Ẑ with weight zero and π does not move."""
+    model = z_001()
+    fit = kl.infer(model, engine="variational", sampler="smc", steps=3, batch_size=8, seed=0)
+    assert fit.info["skipped_steps"] == 3
+    assert all(r["draws"] == 8 for r in fit.history)
+    prior = kl.resolve(model.base())
+    assert torch.equal(fit.model.logits.detach(), prior.logits.detach())
 
 
 def test_sampler_choice_is_checked():
