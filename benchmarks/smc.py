@@ -13,7 +13,7 @@ for particles that died or finished).
    and importance — ESS per 1,000 token forwards and the posterior mean sentiment with its
    spread over seeds. Target: smc ≥ 3× importance's ESS per token forward.
 3. ``| contains("Paris")``: smc with the prior as proposal, and with benchmark 3's
-   fine-tuned π when ``results/paris_fit`` (or ``paris_fit_quick``) is saved.
+   fine-tuned π when one is saved (the newest ``results/paris_fit*``).
 4. speed: smc direct with 64 particles against importance sampling of 64 sequences on the
    flagship target, timed side by side. Target: ≤ 2× importance's wall time.
 
@@ -138,11 +138,12 @@ def compare(
 
 
 def fine_tuned() -> tuple[Any, str] | None:
-    for folder in ("paris_fit", "paris_fit_quick"):
-        path = RESULTS / folder
-        if (path / "fit.json").is_file():
-            return load_lm(str(path)), str(path)
-    return None
+    """The newest fit benchmark 3 saved (``results/paris_fit*``), loaded as an LM."""
+    saved = [p for p in RESULTS.glob("paris_fit*") if (p / "fit.json").is_file()]
+    if not saved:
+        return None
+    path = max(saved, key=lambda p: (p / "fit.json").stat().st_mtime)
+    return load_lm(str(path)), str(path)
 
 
 def speed(model: kl.Model, n: int, seeds: int) -> dict[str, Any]:

@@ -196,8 +196,25 @@ class VLLM(LM):
     def _generate(self, contexts: Sequence[Ids], params: Any) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
+        self._cache_shared_prefix(contexts)
         prompts = [TokensPrompt(prompt_token_ids=list(c)) for c in contexts]
         return self.engine.generate(prompts, params, use_tqdm=False)
+
+    def _cache_shared_prefix(self, contexts: Sequence[Ids]) -> None:
+        """Run the prefix all ``contexts`` share once, ahead of them, when it fills at least
+        one KV-cache block: vLLM's prefix cache only serves requests admitted after a prefix
+        was computed, so without this every request of one batch recomputes a long shared
+        prompt. One extra pass of the prefix; the requests' draws do not change."""
+        if len(contexts) < 2:
+            return
+        shared = shared_prefix(contexts)
+        if len(shared) < self.engine.llm_engine.vllm_config.cache_config.block_size:
+            return
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        warm = SamplingParams(max_tokens=1, detokenize=False)
+        self.engine.generate([TokensPrompt(prompt_token_ids=shared)], warm, use_tqdm=False)
 
     def _draw(
         self, contexts: Sequence[Ids], room: Sequence[int], generator: torch.Generator
@@ -301,6 +318,23 @@ class VLLM(LM):
             f"{self.name} runs on vLLM, which computes no gradients: fine-tune on the hf "
             "runtime (runtime='hf')"
         )
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> Ids:
+    """The longest common prefix of token id rows.
+
+    >>> shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]])
+    [1, 2]
+    """
+    first = list(rows[0]) if rows else []
+    end = len(first)
+    for row in rows[1:]:
+        end = min(end, len(row))
+        for i in range(end):
+            if row[i] != first[i]:
+                end = i
+                break
+    return first[:end]
 
 
 def _model_folder(model: str) -> str:

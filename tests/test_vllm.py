@@ -128,7 +128,7 @@ def test_continuations_and_token_log_probs_are_the_hf_runtimes(fast, hf):
     assert fast.score([[], [3]]).tolist()[0] == 0.0  # the empty sequence holds no token
 
 
-@pytest.mark.parametrize("engine", ["importance", "rejection"])
+@pytest.mark.parametrize("engine", ["importance", "rejection", "smc"])
 def test_log_z_agrees_across_runtimes(folder, fast, engine):
     model = kl.prior(folder, max_tokens=MAX_TOKENS) | ~kl.contains("h")  # Z = P(no "h")
     runs = {
