@@ -513,9 +513,9 @@ def particle_gibbs(
     Example:
         >>> import kldsl as kl
         >>> m = kl.prior(kl.ToyLM(vocab="ab"), max_tokens=3) | kl.contains("a")
-        >>> s = kl.infer(m, engine="smc", n=4, gibbs=8, seed=0)
+        >>> s = kl.infer(m, engine="smc", n=4, gibbs=32, seed=0)
         >>> len(s), s.diagnostics["sweeps"], all("a" in t for t in s.texts)
-        (8, 9, True)
+        (32, 33, True)
     """
     check_options(ess_threshold, resampling, token_sampler)
     check_gibbs(sweeps, n, token_sampler)
