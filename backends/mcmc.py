@@ -45,10 +45,11 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from torch import Tensor
 
 from kldsl import weights
+from kldsl.chains import R_HAT_WARN as R_HAT_WARN  # re-exported: the threshold mcmc warns at
+from kldsl.chains import chain_summary
 from kldsl.errors import KldslError
 from kldsl.infer import Engine
 from kldsl.progress import bar
@@ -57,7 +58,6 @@ from kldsl.target import Draw, Target
 
 MOVES = ("independent", "local")
 DEFAULT_MOVES = {"independent": 0.5, "local": 0.5}
-R_HAT_WARN = 1.05  # split R-hat above this means the chains have not mixed
 INIT_TRIES_PER_CHAIN = 1000  # proposals per chain before giving up on finding p̃ > 0
 
 
@@ -267,23 +267,6 @@ def step(
     return new, StepInfo(moves, positions, accepted, log_alpha, proposed, tokens)
 
 
-def chain_diagnostics(traces: Mapping[str, Tensor]) -> tuple[dict[str, float], dict[str, float]]:
-    """Split R-hat and ESS of each statistic's [chains, samples] trace (pyro.ops.stats).
-
-    Both are NaN for a statistic that is constant over every chain, and for fewer than four
-    samples per chain.
-    """
-    r_hat: dict[str, float] = {}
-    ess: dict[str, float] = {}
-    for name, trace in traces.items():
-        if trace.shape[1] < 4 or float(trace.std()) == 0.0:
-            r_hat[name] = ess[name] = math.nan
-            continue
-        r_hat[name] = float(split_gelman_rubin(trace, chain_dim=0, sample_dim=1))
-        ess[name] = float(effective_sample_size(trace, chain_dim=0, sample_dim=1))
-    return r_hat, ess
-
-
 def run(
     target: Target,
     *,
@@ -337,25 +320,15 @@ def run(
     # kept[t] holds every chain at kept step t; order the samples chain by chain
     order = [t * chains + c for c in range(chains) for t in range(per_chain)]
     samples = Draw.concat(kept).select(order)
-    d = samples.density
-    traces = {"log p̃": d.log_p, **d.rewards}
-    traces["tokens"] = torch.tensor([len(x) for x in samples.ids], dtype=torch.float64)
-    traces = {k: v.double().reshape(chains, per_chain) for k, v in traces.items()}
-    r_hat, ess = chain_diagnostics(traces)
-    bad = {k: v for k, v in r_hat.items() if v > R_HAT_WARN}
-    if bad:
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in bad.items())
-        warnings.warn(
-            f"MCMC chains have not mixed: split R-hat {shown} > {R_HAT_WARN}; run longer "
-            "(larger n or burn_in), add chains, or use a proposal closer to the target",
-            stacklevel=3,
-        )
+    diagnostics = chain_summary(
+        samples,
+        chains,
+        "run longer (larger n or burn_in), add chains, or use a proposal closer to the target",
+    )
 
     q_draw = Draw.concat(from_q)
     log_w = q_draw.log_w
     acceptance = {m: accepted[m] / max(proposed[m], 1) for m in move_probs}
-    finite_r = [v for v in r_hat.values() if not math.isnan(v)]
-    finite_ess = [v for v in ess.values() if not math.isnan(v)]
     n_kept = chains * per_chain
     return Samples.from_draw(
         "mcmc",
@@ -371,13 +344,7 @@ def run(
             "chain": [c for c in range(chains) for _ in range(per_chain)],
             "step": [burn_in + thin * (t + 1) - 1 for _ in range(chains) for t in range(per_chain)],
         },
-        diagnostics={
-            "split R-hat (max)": max(finite_r, default=math.nan),
-            "MCMC ESS (min)": min(finite_ess, default=math.nan),
-            "r_hat": r_hat,
-            "ess": ess,
-            "traces": traces,
-        },
+        diagnostics=diagnostics,
         info={
             "acceptance": acceptance,
             "moves": move_probs,

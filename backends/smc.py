@@ -18,9 +18,11 @@ is resampled when its ESS falls below ``ess_threshold``·n, by reordering KV-cac
 ``token_sampler="awrs"`` draws each token only among those that keep the particle alive
 (:func:`kldsl.awrs.awrs`), with the estimated valid mass as an extra weight factor.
 Conditional SMC (one particle clamped to an exact posterior sample) gives the upper side
-of :func:`log_z_bounds`.
+of :func:`log_z_bounds`, and iterated it is particle Gibbs (``gibbs=K``,
+:func:`particle_gibbs_step`): a Markov chain over whole sequences that leaves p* invariant.
 
     kl.infer(model, engine="smc", n=64, twist="prefix")
+    kl.infer(model, engine="smc", n=16, gibbs=200)  # 200 chain states, 16 particles a sweep
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from kldsl import weights
 from kldsl.awrs import awrs
+from kldsl.chains import chain_summary
 from kldsl.density import Batch, factors_of, full_values, unknown_node
 from kldsl.errors import KldslError, KldslInferenceError
 from kldsl.graph import Condition, Model, Power, Prior, Tilt
@@ -336,6 +339,13 @@ def sweep(
     )
 
 
+def _draw(target: Target, ids: list[Ids], log_q: Tensor, base_log_probs: Tensor) -> Draw:
+    """The sequences with their log q and the breakdown of log p̃, the base prior's
+    log-probs reused from the sweep (no second scoring pass)."""
+    density = target.model.log_density(ids, base_log_probs=base_log_probs, lms=target.lms)
+    return Draw(ids, log_q, density)
+
+
 def run(
     target: Target,
     *,
@@ -347,9 +357,11 @@ def run(
     resampling: str = "stratified",
     token_sampler: str = "direct",
     twist: str | TwistFn | None = None,
+    gibbs: int | None = None,
 ) -> Samples:
     """Token-level SMC with ``n`` particles (``batch_size`` is unused: all ``n`` particles
-    decode as one batch).
+    decode as one batch), or with ``gibbs=K`` particle Gibbs: K equally weighted chain
+    states, each from a conditional SMC sweep of ``n`` particles (:func:`particle_gibbs`).
 
     ess_threshold: resample when the ESS falls below this fraction of n (0: never, 1:
         every step)
@@ -358,7 +370,22 @@ def run(
         awrs (sample only tokens that keep the particle valid, properly weighted)
     twist: None, "prefix" (each tilt's reward on the prefix text) or a function of prefix
         texts returning log ψ (from Python)
+    gibbs: particle Gibbs: run this many conditional SMC sweeps of n particles after one
+        plain sweep, each giving the next state of a Markov chain that leaves the
+        posterior invariant; the samples are those states, equally weighted
     """
+    if gibbs is not None:
+        return particle_gibbs(
+            target,
+            n=n,
+            generator=generator,
+            sweeps=gibbs,
+            progress=progress,
+            ess_threshold=ess_threshold,
+            resampling=resampling,
+            token_sampler=token_sampler,
+            twist=twist,
+        )
     result = sweep(
         target,
         n,
@@ -371,10 +398,7 @@ def run(
     )
     if not math.isfinite(result.log_z):
         raise target.no_support_error(n)
-    density = target.model.log_density(
-        result.ids, base_log_probs=result.base_log_probs, lms=target.lms
-    )
-    draw_ = Draw(result.ids, result.log_q, density)
+    draw_ = _draw(target, result.ids, result.log_q, result.base_log_probs)
     if target.sink is not None:
         write_jsonl(draw_, target.sink)
     return Samples.from_draw(
@@ -397,7 +421,156 @@ def run(
             "ess_threshold": ess_threshold,
             "resampling": resampling,
             "token_sampler": token_sampler,
-            "twist": twist if twist is None or isinstance(twist, str) else "function",
+            "twist": _twist_name(twist),
+        },
+    )
+
+
+def _twist_name(twist: str | TwistFn | None) -> str | None:
+    return twist if twist is None or isinstance(twist, str) else "function"
+
+
+# ---------------------------------------------------------------------------------------
+# Particle Gibbs: iterated conditional SMC
+# ---------------------------------------------------------------------------------------
+
+
+def particle_gibbs_step(
+    target: Target,
+    state: Sequence[int],
+    n: int,
+    generator: torch.Generator,
+    *,
+    ess_threshold: float = 0.5,
+    twist: str | TwistFn | None = None,
+) -> tuple[int, Sweep]:
+    """One particle Gibbs step (Andrieu, Doucet & Holenstein 2010, "Particle Markov chain
+    Monte Carlo methods", JRSS B 72(3)): a conditional SMC sweep of ``n`` particles with
+    the complete sequence ``state`` as its reference (particle 0), then the next state
+    drawn from the final particles in proportion to their final weights, the reference's
+    included. The kernel leaves p* invariant: if ``state`` ~ p*, so is the next state.
+
+    Returns the next state's index in the sweep's particles (``sweep.ids[index]``; 0 is the
+    reference, so the chain stays put with probability about its share of the weight) and
+    the sweep.
+
+    Example:
+        >>> import kldsl as kl
+        >>> m = kl.prior(kl.ToyLM(vocab="ab"), max_tokens=3) | kl.contains("a")
+        >>> t = Target(m)
+        >>> index, s = particle_gibbs_step(t, [1, 0], 4, make_generator(0))  # "a", EOS
+        >>> "a" in t.lm.text(s.ids[index])
+        True
+    """
+    result = sweep(target, n, generator, ess_threshold=ess_threshold, twist=twist, reference=state)
+    index = int(weights.resample(result.log_w, 1, generator, "multinomial")[0])
+    return index, result
+
+
+def check_gibbs(sweeps: object, n: int, token_sampler: str) -> None:
+    """Raise a :class:`KldslError` naming what to pass for invalid particle Gibbs options."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 1:
+        raise KldslError(
+            f"gibbs must be a positive integer, the number of particle Gibbs sweeps (each "
+            f"gives one sample), got {sweeps!r}"
+        )
+    if token_sampler != "direct":
+        raise KldslError(
+            "gibbs runs conditional SMC sweeps, which need token_sampler='direct': the "
+            f"reference particle's tokens are clamped, not drawn (got {token_sampler!r})"
+        )
+    if n < 2:
+        raise KldslError(
+            f"gibbs needs n ≥ 2 particles per sweep: with n={n} the reference is the only "
+            "particle and the chain never moves"
+        )
+
+
+def particle_gibbs(
+    target: Target,
+    *,
+    n: int,
+    generator: torch.Generator,
+    sweeps: int,
+    progress: bool | None = False,
+    ess_threshold: float = 0.5,
+    resampling: str = "stratified",
+    token_sampler: str = "direct",
+    twist: str | TwistFn | None = None,
+) -> Samples:
+    """Particle Gibbs: one plain SMC sweep of ``n`` particles gives the first state (drawn
+    in proportion to its final weights), then ``sweeps`` :func:`particle_gibbs_step` s each
+    give the next. The samples are those ``sweeps`` states, equally weighted (correlated:
+    read ``diagnostics["MCMC ESS (min)"]``), in ``columns["sweep"]`` order.
+
+    ``diagnostics`` hold ``moved`` (the share of steps whose new state differs from the
+    old, also ``acceptance_rate``), ``token_forwards`` (every sweep's), ``sweeps`` (the
+    plain one included) and the chain's split R-hat, ESS and traces
+    (:func:`kldsl.chains.chain_summary`). ``log_z`` is the plain sweep's log Ẑ (the
+    conditional sweeps' Ẑ are biased upward). ``resampling`` applies to the plain sweep;
+    conditional sweeps resample multinomially.
+
+    Example:
+        >>> import kldsl as kl
+        >>> m = kl.prior(kl.ToyLM(vocab="ab"), max_tokens=3) | kl.contains("a")
+        >>> s = kl.infer(m, engine="smc", n=4, gibbs=32, seed=0)
+        >>> len(s), s.diagnostics["sweeps"], all("a" in t for t in s.texts)
+        (32, 33, True)
+    """
+    check_options(ess_threshold, resampling, token_sampler)
+    check_gibbs(sweeps, n, token_sampler)
+    first = sweep(
+        target, n, generator, ess_threshold=ess_threshold, resampling=resampling, twist=twist
+    )
+    if not math.isfinite(first.log_z):
+        raise target.no_support_error(n)
+    index = int(weights.resample(first.log_w, 1, generator, "multinomial")[0])
+    state = first.ids[index]
+    states: list[Ids] = []
+    log_q, base_log_probs = [], []
+    moved, forwards = 0, first.forwards
+    with bar(sweeps, "particle gibbs", progress, unit="sweep") as pbar:
+        for k in range(sweeps):
+            index, result = particle_gibbs_step(
+                target, state, n, generator, ess_threshold=ess_threshold, twist=twist
+            )
+            moved += result.ids[index] != state
+            state = result.ids[index]
+            states.append(state)
+            log_q.append(result.log_q[index])
+            base_log_probs.append(result.base_log_probs[index])
+            forwards += result.forwards
+            pbar.update(1)
+            pbar.set_postfix(moved=f"{moved / (k + 1):.2f}")
+    chain = _draw(target, states, torch.stack(log_q), torch.stack(base_log_probs))
+    if target.sink is not None:
+        write_jsonl(chain, target.sink)
+    advice = "run more sweeps (gibbs) or more particles per sweep (n)"
+    return Samples.from_draw(
+        "smc",
+        target.model,
+        chain,
+        torch.zeros(sweeps, dtype=torch.float64),
+        log_z=first.log_z,
+        log_z_se=first.log_z_se,
+        n_proposed=n * (sweeps + 1),
+        proposal_means=proposal_means(_draw(target, first.ids, first.log_q, first.base_log_probs)),
+        acceptance_rate=moved / sweeps,
+        columns={"sweep": list(range(1, sweeps + 1))},
+        diagnostics={
+            **chain_summary(chain, 1, advice, stacklevel=5),  # the caller of kl.infer
+            "moved": moved / sweeps,
+            "token_forwards": forwards,
+            "sweeps": sweeps + 1,
+        },
+        info={
+            "proposal": target.proposal.name,
+            "ess_threshold": ess_threshold,
+            "resampling": resampling,
+            "token_sampler": token_sampler,
+            "twist": _twist_name(twist),
+            "gibbs": sweeps,
+            "log_z_from": "the first, plain SMC sweep",
         },
     )
 
