@@ -3,8 +3,8 @@
 Target: the Paris posterior of benchmark 3 (``prior(smollm2, prompt="I just got back from a
 trip to", max_tokens=32) | contains("Paris")``). Importance sampling draws x ~ q and weighs
 w = p̃(x)/q(x) with (a) q = the prior a and (b) q = the π fine-tuned by benchmark 3
-(``results/paris_fit``, else ``paris_fit_lora``, else ``paris_fit_short``: the full, LoRA and
-short sizes of benchmark 3; when none exists a short forward_kl fit is trained here first). The
+(the newest ``results/paris_fit*`` that benchmark 3 saved, whatever its size; when none
+exists a short forward_kl fit is trained here first). The
 fine-tuning amortises the work; the weights correct π's remaining error, so both estimate the
 same p* and Z. With the prior and a pure hard constraint, w ∈ {0, 1}: ESS = the number of hits
 ≈ Z·n.
@@ -21,7 +21,7 @@ Sizing: 384 prior draws and 192 draws from π (about 3 minutes on this 2-core ma
 it is otherwise idle: 166 s measured). ``--quick``: max_tokens 16, 64 draws each (about 2 minutes), using whichever
 saved fit exists (those, then ``paris_fit_quick``), else a 2-step fit.
 
-    python -m benchmarks.amortise [--quick]
+    python -m benchmarks.amortise [--quick] [--max-tokens N]
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ def importance(
 
 def reference_z(model: kl.Model, s: Settings, quick: bool) -> dict[str, Any]:
     """The rejection estimate of benchmark 3 when it matches, else a fresh one."""
-    for name in ("finetune_ruler", "finetune_ruler_lora", "finetune_ruler_short"):
-        path = RESULTS / f"{name}.json"
+    for path in sorted(RESULTS.glob("finetune_ruler*.json")):
         if path.is_file():
             stored = json.loads(path.read_text())
             if stored["settings"]["max_tokens"] == s.max_tokens and stored["z"]["hits"] > 0:
@@ -127,12 +126,16 @@ def reference_z(model: kl.Model, s: Settings, quick: bool) -> dict[str, Any]:
 
 
 def fine_tuned(quick: bool) -> tuple[Any, str]:
-    """Benchmark 3's saved π, or a short forward_kl fit when none is saved."""
-    sizes = ("full", "lora", "short", "quick") if quick else ("full", "lora", "short")
-    for size in sizes:
-        path = RESULTS / ruler.SIZES[size].fit_folder
-        if (path / "fit.json").is_file():
-            return load_lm(str(path)), str(path)
+    """Benchmark 3's newest saved π (``results/paris_fit*``; ``paris_fit_quick`` only with
+    ``quick``), or a short forward_kl fit when none is saved."""
+    saved = [
+        p
+        for p in RESULTS.glob("paris_fit*")
+        if (p / "fit.json").is_file() and (quick or not p.name.startswith("paris_fit_quick"))
+    ]
+    if saved:
+        path = max(saved, key=lambda p: (p / "fit.json").stat().st_mtime)
+        return load_lm(str(path)), str(path)
     short = dataclasses.replace(
         ruler.QUICK if quick else ruler.SHORT,
         runs=(ruler.RUNS[0],),
@@ -301,6 +304,10 @@ def main(quick: bool = False, settings: Settings | None = None) -> dict[str, Any
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--max-tokens", type=int, help="the target's max_tokens (default 32)")
     args = parser.parse_args()
-    for row in main(args.quick)["headline"]:
+    settings = QUICK if args.quick else FULL
+    if args.max_tokens is not None:
+        settings = dataclasses.replace(settings, max_tokens=args.max_tokens)
+    for row in main(args.quick, settings)["headline"]:
         print(f"{row['name']}: {row['value']} (target {row['target']}, met {row['met']})")

@@ -141,9 +141,40 @@ def main(quick: bool = False) -> dict[str, Any]:
                 f"{out['draws']:.0f}",
                 flush=True,
             )
-    payload = {"settings": {"quick": quick, "seeds": seeds, "steps": 40, "lr": 0.1}, "rows": rows}
+    payload = {
+        "settings": {"quick": quick, "seeds": seeds, "steps": 40, "lr": 0.1},
+        "rows": rows,
+        "headline": headline(rows),
+    }
     write("objectives", payload)
     return payload
+
+
+def headline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target: the three objectives' mean exact KL(p*‖π), read against the start's.
+
+    >>> row = {"target": "t", "start_kl_p_pi": 2.0}
+    >>> headline([{**row, "run": "js", "kl_p_pi": 1.0}])[0]["value"]
+    'js 1.000 (start 2.000)'
+    """
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = [
+            r
+            for r in rows
+            if r["target"] == target and r["run"] in ("forward_kl", "js", "reverse_kl")
+        ]
+        start = mine[0]["start_kl_p_pi"]
+        out.append(
+            {
+                "name": f"{target}: exact KL(p*‖π) nat after 40 steps, mean over seeds",
+                "value": ", ".join(f"{r['run']} {r['kl_p_pi']:.3f}" for r in mine)
+                + f" (start {start:.3f})",
+                "target": "each below the start",
+                "met": all(r["kl_p_pi"] < start for r in mine),
+            }
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS
 
-BENCHMARKS = ("sampling_speed", "accuracy", "finetune_ruler", "amortise", "smc")
+BENCHMARKS = ("sampling_speed", "accuracy", "objectives", "finetune_ruler", "amortise", "smc")
 
 
 def load(name: str) -> Any | None:
