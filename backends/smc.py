@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -416,18 +417,25 @@ def run(
             "token_forwards": result.forwards,
             "ess_per_step": result.ess,
         },
-        info={
-            "proposal": target.proposal.name,
-            "ess_threshold": ess_threshold,
-            "resampling": resampling,
-            "token_sampler": token_sampler,
-            "twist": _twist_name(twist),
-        },
+        info=_info(target, ess_threshold, resampling, token_sampler, twist),
     )
 
 
-def _twist_name(twist: str | TwistFn | None) -> str | None:
-    return twist if twist is None or isinstance(twist, str) else "function"
+def _info(
+    target: Target,
+    ess_threshold: float,
+    resampling: str,
+    token_sampler: str,
+    twist: str | TwistFn | None,
+) -> dict[str, Any]:
+    """The settings a result records in ``info``."""
+    return {
+        "proposal": target.proposal.name,
+        "ess_threshold": ess_threshold,
+        "resampling": resampling,
+        "token_sampler": token_sampler,
+        "twist": twist if twist is None or isinstance(twist, str) else "function",
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,11 +572,7 @@ def particle_gibbs(
             "sweeps": sweeps + 1,
         },
         info={
-            "proposal": target.proposal.name,
-            "ess_threshold": ess_threshold,
-            "resampling": resampling,
-            "token_sampler": token_sampler,
-            "twist": _twist_name(twist),
+            **_info(target, ess_threshold, resampling, token_sampler, twist),
             "gibbs": sweeps,
             "log_z_from": "the first, plain SMC sweep",
         },

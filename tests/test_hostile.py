@@ -3,11 +3,8 @@ status 2 — never a traceback, a hang, an internal error or a file written by t
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-import kldsl as kl
 from kldsl.cli import main
 
 #: the longest error message a user should have to read
@@ -174,16 +171,6 @@ def test_a_folder_or_a_missing_file_as_the_model_file(tmp_path, capsys):
     _run(["explain", str(tmp_path)], capsys)
     _run(["explain", str(tmp_path / "missing.kl")], capsys)
     _run(["sample", str(tmp_path)], capsys)
-
-
-@pytest.fixture(scope="module")
-def toy_kl(tmp_path_factory):
-    """A .kl file over a saved ToyLM, so sampling runs without the embedded model."""
-    root = tmp_path_factory.mktemp("toy")
-    folder = kl.Fit(model=kl.ToyLM(vocab="ab"), history=[], objective="js").save(root / "toy")
-    path = root / "toy.kl"
-    path.write_text(f'm = prior({json.dumps(str(folder))}, max_tokens=3) | contains("a")\n')
-    return path
 
 
 HOSTILE_OPTIONS = {

@@ -5,7 +5,6 @@ posterior as it runs longer, the engine's result and its option errors."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 
@@ -162,15 +161,6 @@ def test_no_support_is_the_engines_clear_error():
     never = kl.prior(kl.ToyLM(vocab="ab"), max_tokens=2) | kl.contains("aaa")
     with pytest.raises(kl.KldslError, match="0 of 4 samples satisfied"):
         kl.infer(never, engine="smc", n=4, gibbs=4)
-
-
-@pytest.fixture(scope="module")
-def toy_kl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    folder = kl.Fit(model=kl.ToyLM(vocab="ab"), history=[], objective="js").save(root / "toy")
-    path = root / "toy.kl"
-    path.write_text(f'm = prior({json.dumps(str(folder))}, max_tokens=3) | contains("a")\n')
-    return path
 
 
 @pytest.mark.filterwarnings("ignore:MCMC chains have not mixed")
