@@ -397,6 +397,10 @@ if acc.is_main_process:
     with open(sys.argv[2], "w") as f:
         json.dump({"processes": acc.num_processes, "logits": fit.model.logits.tolist(),
                    "history": fit.history}, f)
+# leave together, with the process group torn down: a rank that exits while the other
+# still holds the group can abort in gloo's thread teardown
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
