@@ -17,6 +17,15 @@ is resampled when its ESS falls below ``ess_threshold``·n, by reordering KV-cac
 
 ``token_sampler="awrs"`` draws each token only among those that keep the particle alive
 (:func:`kldsl.awrs.awrs`), with the estimated valid mass as an extra weight factor.
+``split_eos=True`` sums over ending instead of sampling it: at every step but the last,
+each particle also spawns a finished copy that ends there (EOS), weighted by its exact
+value w·Π a_j(EOS)^α_j·(exact factors)/ψ, and the particle itself continues with a token
+drawn from q without EOS (weight factor 1 − q(EOS) for ``direct``; ``awrs`` estimates the
+valid mass without EOS). The two branches' weights sum, in expectation, to the unsplit
+particle's, so Ẑ stays unbiased (normalised by n, the particles at the last resampling);
+resampling draws n particles from the population, branches included. It pays where p*
+favours ending early, as hard constraints over long texts do: the short completions that
+dominate Z there are counted in every run instead of found by chance.
 Conditional SMC (one particle clamped to an exact posterior sample) gives the upper side
 of :func:`log_z_bounds`, and iterated it is particle Gibbs (``gibbs=K``,
 :func:`particle_gibbs_step`): a Markov chain over whole sequences that leaves p* invariant.
@@ -169,14 +178,16 @@ def check_options(ess_threshold: float, resampling: str, token_sampler: str) -> 
         )
 
 
-def genealogy_rel_var(log_w: Tensor, ancestor: Tensor, resampled: int) -> float:
+def genealogy_rel_var(
+    log_w: Tensor, ancestor: Tensor, resampled: int, particles: int | None = None
+) -> float:
     """The relative variance V̂(Ẑ)/Ẑ² of one run, by the genealogy ("Eve") estimator of Lee
     & Whiteley (2018, "Variance estimation in the particle filter", Biometrika 105(3)):
 
         V̂(Ẑ)/Ẑ² = 1 − (n/(n−1))^(R+1) · (1 − Σ_k S_k²),  S_k = Σ_{i: E_i = k} W_i,
 
-    with W the normalised final weights, E_i the time-0 ancestor of particle i and R the
-    resampling steps. Ẑ²·V̂/Ẑ² is unbiased for Var(Ẑ) under multinomial resampling (an
+    with W the normalised final weights, E_i the time-0 ancestor of particle i (in
+    [0, ``particles``), by default the number of weights) and R the resampling steps. Ẑ²·V̂/Ẑ² is unbiased for Var(Ẑ) under multinomial resampling (an
     approximation under the others); with R = 0 it is importance sampling's
     (n·Σ W² − 1)/(n − 1). It can be negative (then read it as 0).
 
@@ -187,7 +198,7 @@ def genealogy_rel_var(log_w: Tensor, ancestor: Tensor, resampled: int) -> float:
         >>> genealogy_rel_var(flat, torch.zeros(4, dtype=torch.long), 2)
         1.0
     """
-    n = len(log_w)
+    n = len(log_w) if particles is None else particles
     if n < 2 or not torch.isfinite(torch.logsumexp(log_w, 0)):
         return math.inf
     w = weights.normalize(log_w).exp()
@@ -195,10 +206,12 @@ def genealogy_rel_var(log_w: Tensor, ancestor: Tensor, resampled: int) -> float:
     return 1.0 - (n / (n - 1)) ** (resampled + 1) * (1.0 - float((s * s).sum()))
 
 
-def genealogy_log_z_se(log_w: Tensor, ancestor: Tensor, resampled: int) -> float:
-    """Standard error of log Ẑ from one run: √ of :func:`genealogy_rel_var` (the delta
-    method), inf when it cannot be estimated."""
-    rel_var = genealogy_rel_var(log_w, ancestor, resampled)
+def genealogy_log_z_se(log_w: Tensor, ancestor: Tensor, resampled: int, n: int) -> float:
+    """Standard error of log Ẑ from one run of ``n`` particles: √ of
+    :func:`genealogy_rel_var` (the delta method), inf when it cannot be estimated. The
+    final population may hold more than n (``split_eos`` branches, grouped with their
+    particle's ancestor): the estimator is then an approximation."""
+    rel_var = genealogy_rel_var(log_w, ancestor, resampled, n)
     return math.sqrt(max(rel_var, 0.0)) if math.isfinite(rel_var) else math.inf
 
 
@@ -211,6 +224,7 @@ def sweep(
     resampling: str = "stratified",
     token_sampler: str = "direct",
     twist: str | TwistFn | None = None,
+    split_eos: bool = False,
     reference: Sequence[int] | None = None,
     progress: bool | None = False,
 ) -> Sweep:
@@ -220,6 +234,8 @@ def sweep(
     posterior sample; multinomial conditional resampling, ``token_sampler="direct"``).
     """
     check_options(ess_threshold, resampling, token_sampler)
+    if split_eos and reference is not None:
+        raise KldslError("split_eos does not apply to conditional SMC (a clamped reference)")
     lm, limit = target.lm, target.max_tokens
     eos = lm.eos_id
     if reference is not None:
@@ -247,6 +263,15 @@ def sweep(
         for step in range(limit):
             lq = plan.decoders[0].logprobs
             extra = torch.zeros(len(active), dtype=torch.float64)
+            if split_eos and step + 1 < limit:
+                ended = _eos_branches(plan, lm, ids, active, log_w, log_psi, held)
+                lq, stay = _without_eos(lq, eos)
+                if token_sampler == "direct":  # drawn from q(·)/(1 − q(EOS))
+                    extra += stay
+                else:  # awrs estimates the valid mass of q without EOS itself
+                    extra[~torch.isfinite(stay)] = -math.inf
+            else:
+                ended = None
             if token_sampler == "direct":
                 tokens = draw(lq, generator)
             else:
@@ -290,6 +315,13 @@ def sweep(
                 incr[index] += exact - log_psi[rows[index]]
                 log_psi[rows[index]] = 0.0
             log_w[rows] += incr
+            if ended is not None:  # the finished copies join the population
+                ids = ids + ended.ids
+                log_w = torch.cat([log_w, ended.log_w])
+                done = torch.cat([done, torch.ones(len(ended.ids), dtype=torch.bool)])
+                ancestor = torch.cat([ancestor, ended.ancestor(ancestor)])
+                log_psi = torch.cat([log_psi, torch.zeros(len(ended.ids), dtype=torch.float64)])
+                held = torch.cat([held, ended.held])
             stop = finished | ~torch.isfinite(incr)
             done[rows[stop]] = True
             if bool(stop.any()):
@@ -305,7 +337,7 @@ def sweep(
             if not active or not torch.isfinite(torch.logsumexp(log_w, 0)):
                 break
             if ess < ess_threshold * n:
-                log_z_past += float(weights.log_z(log_w))
+                log_z_past += _log_mean(log_w, n)
                 resampled += 1
                 if reference is None:
                     parent = weights.resample(log_w, n, generator, resampling)
@@ -325,18 +357,82 @@ def sweep(
             for dec in plan.decoders:
                 dec.extend(last)
     total = torch.logsumexp(log_w, 0)
-    log_z = log_z_past + float(weights.log_z(log_w)) if torch.isfinite(total) else -math.inf
+    log_z = log_z_past + _log_mean(log_w, n) if torch.isfinite(total) else -math.inf
     return Sweep(
         ids=ids,
         log_w=log_w,
         log_z=log_z,
-        log_z_se=genealogy_log_z_se(log_w, ancestor, resampled),
+        log_z_se=genealogy_log_z_se(log_w, ancestor, resampled, n),
         log_q=held[:, 0].clone(),
         base_log_probs=held[:, plan.base_decoder].clone(),
         ancestor=ancestor,
         ess=ess_trace,
         resampled=resampled,
         forwards=sum(dec.forwards for dec in plan.decoders),
+    )
+
+
+def _log_mean(log_w: Tensor, n: int) -> float:
+    """log(Σw/n): the population's mean weight per particle (n particles, however many
+    ``split_eos`` branches they spawned)."""
+    return float(torch.logsumexp(log_w, 0)) - math.log(n)
+
+
+def _without_eos(lq: Tensor, eos: int) -> tuple[Tensor, Tensor]:
+    """q's rows with EOS masked out, and log(1 − q(EOS)) [rows] (float64). A row that is
+    all EOS keeps it (its continuing branch then gets log 1 − q(EOS) = −inf)."""
+    log_eos = lq[:, eos].double().cpu()
+    stay = torch.where(  # log(1 − e^x), accurate on both sides of −log 2
+        log_eos > -math.log(2), torch.log(-torch.expm1(log_eos)), torch.log1p(-log_eos.exp())
+    )
+    masked = lq.clone()
+    masked[:, eos] = -math.inf
+    rest = ~torch.isfinite(stay).to(lq.device)
+    masked[rest] = lq[rest]
+    return masked, stay
+
+
+@dataclass
+class _Ended:
+    """The finished copies that active particles spawn by ending at this step."""
+
+    rows: Tensor  # [k] the active particles' indices in the population
+    ids: list[Ids]
+    log_w: Tensor  # [k]
+    held: Tensor  # [k, decodings]
+
+    def ancestor(self, ancestor: Tensor) -> Tensor:
+        return ancestor[self.rows]
+
+
+def _eos_branches(
+    plan: _Plan,
+    lm: LM,
+    ids: list[Ids],
+    active: list[int],
+    log_w: Tensor,
+    log_psi: Tensor,
+    held: Tensor,
+) -> _Ended:
+    """``split_eos``: each active particle's copy ending now, with its exact weight
+    w·Π a_j(EOS)^α_j·exp(exact factors − log ψ); copies of weight 0 are left out."""
+    eos = lm.eos_id
+    rows = torch.tensor(active, dtype=torch.long)
+    at_eos = torch.stack([dec.logprobs[:, eos].double().cpu() for dec in plan.decoders], 1)
+    gain = torch.zeros(len(active), dtype=torch.float64)
+    for alpha, j in plan.priors:
+        gain = gain + alpha * at_eos[:, j]
+    alive = torch.isfinite(gain).nonzero().squeeze(1)
+    seqs = [ids[active[r]] + [eos] for r in alive.tolist()]
+    gain[alive] += plan.final([lm.text(seq) for seq in seqs])
+    gain = gain + log_w[rows] - log_psi[rows]
+    keep = [k for k, r in enumerate(alive.tolist()) if math.isfinite(float(gain[r]))]
+    picked = alive[keep] if keep else torch.zeros(0, dtype=torch.long)
+    return _Ended(
+        rows=rows[picked],
+        ids=[seqs[k] for k in keep],
+        log_w=gain[picked],
+        held=held[rows[picked]] + at_eos[picked],
     )
 
 
@@ -358,6 +454,7 @@ def run(
     resampling: str = "stratified",
     token_sampler: str = "direct",
     twist: str | TwistFn | None = None,
+    split_eos: bool = False,
     gibbs: int | None = None,
 ) -> Samples:
     """Token-level SMC with ``n`` particles (``batch_size`` is unused: all ``n`` particles
@@ -371,11 +468,16 @@ def run(
         awrs (sample only tokens that keep the particle valid, properly weighted)
     twist: None, "prefix" (each tilt's reward on the prefix text) or a function of prefix
         texts returning log ψ (from Python)
+    split_eos: sum over ending at every step instead of sampling EOS: each particle spawns
+        a finished, exactly weighted copy that ends there (the result then holds those
+        since the last resampling as well, so it may hold more than n samples)
     gibbs: particle Gibbs: run this many conditional SMC sweeps of n particles after one
         plain sweep, each giving the next state of a Markov chain that leaves the
         posterior invariant; the samples are those states, equally weighted
     """
     if gibbs is not None:
+        if split_eos:
+            raise KldslError("split_eos does not apply to gibbs (conditional SMC sweeps)")
         return particle_gibbs(
             target,
             n=n,
@@ -395,6 +497,7 @@ def run(
         resampling=resampling,
         token_sampler=token_sampler,
         twist=twist,
+        split_eos=split_eos,
         progress=progress,
     )
     if not math.isfinite(result.log_z):
@@ -417,7 +520,10 @@ def run(
             "token_forwards": result.forwards,
             "ess_per_step": result.ess,
         },
-        info=_info(target, ess_threshold, resampling, token_sampler, twist),
+        info={
+            **_info(target, ess_threshold, resampling, token_sampler, twist),
+            "split_eos": split_eos,
+        },
     )
 
 

@@ -127,8 +127,14 @@ def test_cached_decoding_counts_token_forwards():
 @pytest.mark.parametrize("name", ["soft", "prefix-closed", "upward-closed", "mixed"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"ess_threshold": 0.0}, {"token_sampler": "awrs"}],
-    ids=["resampling", "no-resampling", "awrs"],
+    [
+        {},
+        {"ess_threshold": 0.0},
+        {"token_sampler": "awrs"},
+        {"split_eos": True},
+        {"split_eos": True, "token_sampler": "awrs"},
+    ],
+    ids=["resampling", "no-resampling", "awrs", "split-eos", "split-eos-awrs"],
 )
 def test_z_hat_is_unbiased(name, options):
     model = target(name)
@@ -146,9 +152,11 @@ def _length_twist(texts: list[str]) -> list[float]:
 
 
 @pytest.mark.parametrize("twist", ["prefix", _length_twist], ids=["prefix", "function"])
-def test_z_hat_is_unbiased_with_a_twist(twist):
+@pytest.mark.parametrize("split_eos", [False, True], ids=["", "split-eos"])
+def test_z_hat_is_unbiased_with_a_twist(twist, split_eos):
     model = target("mixed")
-    assert_unbiased(z_hats(model, twist=twist, ess_threshold=1.0), exact_z(model))
+    z = z_hats(model, twist=twist, ess_threshold=1.0, split_eos=split_eos)
+    assert_unbiased(z, exact_z(model))
 
 
 def test_z_hat_is_unbiased_with_another_proposal():
@@ -183,6 +191,17 @@ def test_particles_match_the_exact_posterior_and_tv_falls_with_n():
     # absolute size: E[TV] ≤ ½ Σ √(p_i/n_eff) ≤ ½ √(K/n_eff) with K ≤ 30 sequences and
     # n_eff ≥ n/4 (the ESS after the last resampling), so ≤ 0.35 at n = 1024
     assert large < 0.5 * small and large < 0.35
+
+
+def test_split_eos_particles_match_the_exact_posterior():
+    """With ``split_eos`` the result holds the particles and their finished copies, all
+    weighted: the weighted population matches p* within the same bound as above."""
+    model = target("prefix-closed")  # p* favours ending early: most of Z is in the copies
+    probs = kl.infer(model, engine="exact").distribution()
+    s = kl.infer(model, engine="smc", n=1024, seed=0, split_eos=True, token_sampler="awrs")
+    assert len(s) > 1024 and s.info["split_eos"]
+    assert weights.tv_distance(s.distribution(), probs) < 0.35
+    assert all(0 <= a < 1024 for a in s.columns["ancestor"])
 
 
 def test_prefix_closed_violators_die_and_awrs_keeps_every_particle_valid():
@@ -253,6 +272,7 @@ def test_log_z_bounds_bracket_the_exact_log_z():
         {"token_sampler": "masked"},
         {"ess_threshold": 1.5},
         {"twist": "suffix"},
+        {"split_eos": True, "gibbs": 4},
     ],
 )
 def test_bad_options_are_clear_errors(options):
