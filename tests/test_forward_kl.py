@@ -226,6 +226,22 @@ def test_a_sampler_that_finds_no_hit_skips_the_step():
     assert torch.equal(fit.model.logits.detach(), prior.logits.detach())
 
 
+@pytest.mark.skipif("smc" not in kl.engines(), reason="the smc engine is not registered")
+def test_a_sampler_returning_more_samples_than_asked_is_a_clear_error():
+    """smc with split_eos returns its particles and their finished copies: more than the
+    shard's n, which the fixed-size shards cannot hold; the error names the option."""
+    model = kl.prior(kl.ToyLM(vocab="ab", seed=3), max_tokens=4) | ~kl.contains("bb")
+    with pytest.raises(KldslInferenceError, match="split_eos"):
+        kl.infer(
+            model,
+            engine="variational",
+            sampler="smc",
+            sampler_options={"split_eos": True, "token_sampler": "awrs"},
+            steps=1,
+            batch_size=8,
+        )
+
+
 def test_sampler_choice_is_checked():
     model = z_01()
     with pytest.raises(KldslNameError, match="no-such-engine"):
