@@ -556,11 +556,11 @@ def _draw_sampler(tr: Trainer, state: State) -> tuple[list[Batch], list[Tensor]]
             **options,
         )
         rows = len(samples)
-        if rows != tr.shard_size:  # shards are fixed-size row groups (and gathered so)
+        if rows > tr.shard_size:  # a batch's row groups hold at most n a shard
             raise KldslInferenceError(
                 f"sampler={tr.sampler!r} returned {rows} samples for n={tr.shard_size}; "
-                "the variational engine trains on exactly n a shard: drop the option that "
-                f"changes the count (sampler_options={tr.sampler_options!r})"
+                "the variational engine trains on at most n a shard: drop the option that "
+                f"adds samples (sampler_options={tr.sampler_options!r})"
             )
         log_w = samples.log_weights.double()
         log_p = samples.log_p.double()
