@@ -187,8 +187,9 @@ def genealogy_rel_var(
         V̂(Ẑ)/Ẑ² = 1 − (n/(n−1))^(R+1) · (1 − Σ_k S_k²),  S_k = Σ_{i: E_i = k} W_i,
 
     with W the normalised final weights, E_i the time-0 ancestor of particle i (in
-    [0, ``particles``), by default the number of weights) and R the resampling steps. Ẑ²·V̂/Ẑ² is unbiased for Var(Ẑ) under multinomial resampling (an
-    approximation under the others); with R = 0 it is importance sampling's
+    [0, ``particles``), by default the number of weights) and R the resampling steps.
+    Ẑ²·V̂/Ẑ² is unbiased for Var(Ẑ) under multinomial resampling (an approximation under
+    the others); with R = 0 it is importance sampling's
     (n·Σ W² − 1)/(n − 1). It can be negative (then read it as 0).
 
     Example:
