@@ -320,7 +320,7 @@ def sweep(
                 ids = ids + ended.ids
                 log_w = torch.cat([log_w, ended.log_w])
                 done = torch.cat([done, torch.ones(len(ended.ids), dtype=torch.bool)])
-                ancestor = torch.cat([ancestor, ended.ancestor(ancestor)])
+                ancestor = torch.cat([ancestor, ancestor[ended.rows]])
                 log_psi = torch.cat([log_psi, torch.zeros(len(ended.ids), dtype=torch.float64)])
                 held = torch.cat([held, ended.held])
             stop = finished | ~torch.isfinite(incr)
@@ -338,7 +338,7 @@ def sweep(
             if not active or not torch.isfinite(torch.logsumexp(log_w, 0)):
                 break
             if ess < ess_threshold * n:
-                log_z_past += _log_mean(log_w, n)
+                log_z_past += float(weights.log_z(log_w, n))
                 resampled += 1
                 if reference is None:
                     parent = weights.resample(log_w, n, generator, resampling)
@@ -358,7 +358,7 @@ def sweep(
             for dec in plan.decoders:
                 dec.extend(last)
     total = torch.logsumexp(log_w, 0)
-    log_z = log_z_past + _log_mean(log_w, n) if torch.isfinite(total) else -math.inf
+    log_z = log_z_past + float(weights.log_z(log_w, n)) if torch.isfinite(total) else -math.inf
     return Sweep(
         ids=ids,
         log_w=log_w,
@@ -371,12 +371,6 @@ def sweep(
         resampled=resampled,
         forwards=sum(dec.forwards for dec in plan.decoders),
     )
-
-
-def _log_mean(log_w: Tensor, n: int) -> float:
-    """log(Σw/n): the population's mean weight per particle (n particles, however many
-    ``split_eos`` branches they spawned)."""
-    return float(torch.logsumexp(log_w, 0)) - math.log(n)
 
 
 def _without_eos(lq: Tensor, eos: int) -> tuple[Tensor, Tensor]:
@@ -401,9 +395,6 @@ class _Ended:
     ids: list[Ids]
     log_w: Tensor  # [k]
     held: Tensor  # [k, decodings]
-
-    def ancestor(self, ancestor: Tensor) -> Tensor:
-        return ancestor[self.rows]
 
 
 def _eos_branches(
@@ -521,10 +512,7 @@ def run(
             "token_forwards": result.forwards,
             "ess_per_step": result.ess,
         },
-        info={
-            **_info(target, ess_threshold, resampling, token_sampler, twist),
-            "split_eos": split_eos,
-        },
+        info=_info(target, ess_threshold, resampling, token_sampler, twist, split_eos),
     )
 
 
@@ -534,6 +522,7 @@ def _info(
     resampling: str,
     token_sampler: str,
     twist: str | TwistFn | None,
+    split_eos: bool = False,
 ) -> dict[str, Any]:
     """The settings a result records in ``info``."""
     return {
@@ -542,6 +531,7 @@ def _info(
         "resampling": resampling,
         "token_sampler": token_sampler,
         "twist": twist if twist is None or isinstance(twist, str) else "function",
+        "split_eos": split_eos,
     }
 
 

@@ -39,9 +39,11 @@ def ess(log_w: Tensor) -> float:
     return float(torch.exp(2 * torch.logsumexp(shifted, 0) - torch.logsumexp(2 * shifted, 0)))
 
 
-def log_z(log_w: Tensor) -> Tensor:
-    """log Ẑ = log mean(w): the unbiased importance estimate of Z, in log space."""
-    return torch.logsumexp(log_w, 0) - math.log(len(log_w))
+def log_z(log_w: Tensor, n: int | None = None) -> Tensor:
+    """log Ẑ = log mean(w): the unbiased importance estimate of Z, in log space; with
+    ``n``, log(Σw/n), for weights that split n draws' mass among more rows (smc's
+    ``split_eos`` copies)."""
+    return torch.logsumexp(log_w, 0) - math.log(len(log_w) if n is None else n)
 
 
 def log_z_se(log_w: Tensor) -> float:
