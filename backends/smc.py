@@ -16,7 +16,9 @@ particles leave the batch (and the KV cache) but stay in the population; the pop
 is resampled when its ESS falls below ``ess_threshold``·n, by reordering KV-cache rows.
 
 ``token_sampler="awrs"`` draws each token only among those that keep the particle alive
-(:func:`kldsl.awrs.awrs`), with the estimated valid mass as an extra weight factor.
+(:func:`kldsl.awrs.awrs`), with the estimated valid mass as an extra weight factor; its
+rejection chain runs to ``awrs_hits`` valid draws (32), since the paper's 2 leave a
+noise in that factor that, compounded over the tokens, dominates the spread of log Ẑ.
 ``split_eos=True`` sums over ending instead of sampling it: at every step but the last,
 each particle also spawns a finished copy that ends there (EOS), weighted by its exact
 value w·Π a_j(EOS)^α_j·(exact factors)/ψ, and the particle itself continues with a token
@@ -61,6 +63,10 @@ from kldsl.target import Draw, Target, write_jsonl
 TwistFn = Callable[[list[str]], Tensor | Sequence[float]]
 TOKEN_SAMPLERS = ("direct", "awrs")
 TWISTS = ("prefix",)
+#: valid draws that end AWRS's rejection chain per token: the paper's 2 leaves a valid-mass
+#: estimate so noisy that over 32 tokens it dominates the spread of log Ẑ (README,
+#: Performance: the lipogram's sd over ten seeds 1.26 nat at 2, 0.47 at 8, 0.13 at 32)
+AWRS_HITS = 32
 
 
 @dataclass
@@ -161,7 +167,9 @@ def _twist_fn(twist: str | TwistFn | None, plan: _Plan) -> Callable[[list[str]],
     return checked
 
 
-def check_options(ess_threshold: float, resampling: str, token_sampler: str) -> None:
+def check_options(
+    ess_threshold: float, resampling: str, token_sampler: str, awrs_hits: int = AWRS_HITS
+) -> None:
     """Raise a :class:`KldslError` naming what to pass for an invalid option."""
     if not isinstance(ess_threshold, int | float) or not 0.0 <= float(ess_threshold) <= 1.0:
         raise KldslError(
@@ -176,6 +184,8 @@ def check_options(ess_threshold: float, resampling: str, token_sampler: str) -> 
         raise KldslError(
             f"token_sampler must be one of {', '.join(TOKEN_SAMPLERS)}, got {token_sampler!r}"
         )
+    if isinstance(awrs_hits, bool) or not isinstance(awrs_hits, int) or awrs_hits < 2:
+        raise KldslError(f"awrs_hits must be an integer ≥ 2, got {awrs_hits!r}")
 
 
 def genealogy_rel_var(
@@ -224,6 +234,7 @@ def sweep(
     ess_threshold: float = 0.5,
     resampling: str = "stratified",
     token_sampler: str = "direct",
+    awrs_hits: int = AWRS_HITS,
     twist: str | TwistFn | None = None,
     split_eos: bool = False,
     reference: Sequence[int] | None = None,
@@ -234,7 +245,7 @@ def sweep(
     ``reference``: conditional SMC, particle 0 clamped to this complete sequence (an exact
     posterior sample; multinomial conditional resampling, ``token_sampler="direct"``).
     """
-    check_options(ess_threshold, resampling, token_sampler)
+    check_options(ess_threshold, resampling, token_sampler, awrs_hits)
     if split_eos and reference is not None:
         raise KldslError("split_eos does not apply to conditional SMC (a clamped reference)")
     lm, limit = target.lm, target.max_tokens
@@ -282,7 +293,7 @@ def sweep(
                     def valid(candidates: Tensor, seq: Ids = ids[i]) -> Tensor:
                         return check.allowed(lm, seq, candidates, limit)
 
-                    tok, log_mass, _ = awrs(lq[row], valid, generator)
+                    tok, log_mass, _ = awrs(lq[row], valid, generator, awrs_hits)
                     tokens[row], extra[row] = max(tok, 0), log_mass
             if reference is not None and active and active[0] == 0:
                 tokens[0] = reference[step]
@@ -445,6 +456,7 @@ def run(
     ess_threshold: float = 0.5,
     resampling: str = "stratified",
     token_sampler: str = "direct",
+    awrs_hits: int = AWRS_HITS,
     twist: str | TwistFn | None = None,
     split_eos: bool = False,
     gibbs: int | None = None,
@@ -458,6 +470,8 @@ def run(
     resampling: multinomial, stratified, systematic or residual
     token_sampler: direct (sample from the proposal, prefix checks kill violators) or
         awrs (sample only tokens that keep the particle valid, properly weighted)
+    awrs_hits: with awrs, the valid draws that end each token's rejection chain (at least
+        2): more give a valid-mass estimate of lower variance for more draws and checks
     twist: None, "prefix" (each tilt's reward on the prefix text) or a function of prefix
         texts returning log ψ (from Python)
     split_eos: sum over ending at every step instead of sampling EOS: each particle spawns
@@ -488,6 +502,7 @@ def run(
         ess_threshold=ess_threshold,
         resampling=resampling,
         token_sampler=token_sampler,
+        awrs_hits=awrs_hits,
         twist=twist,
         split_eos=split_eos,
         progress=progress,
@@ -512,7 +527,7 @@ def run(
             "token_forwards": result.forwards,
             "ess_per_step": result.ess,
         },
-        info=_info(target, ess_threshold, resampling, token_sampler, twist, split_eos),
+        info=_info(target, ess_threshold, resampling, token_sampler, twist, split_eos, awrs_hits),
     )
 
 
@@ -523,6 +538,7 @@ def _info(
     token_sampler: str,
     twist: str | TwistFn | None,
     split_eos: bool = False,
+    awrs_hits: int | None = None,
 ) -> dict[str, Any]:
     """The settings a result records in ``info``."""
     return {
@@ -532,6 +548,7 @@ def _info(
         "token_sampler": token_sampler,
         "twist": twist if twist is None or isinstance(twist, str) else "function",
         "split_eos": split_eos,
+        **({"awrs_hits": awrs_hits} if token_sampler == "awrs" else {}),
     }
 
 
