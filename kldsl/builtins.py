@@ -49,15 +49,49 @@ def _length(texts: list[str]) -> list[float]:
 
 @functools.cache
 def _profanity() -> Any:
-    from better_profanity import profanity
+    from better_profanity import Profanity
 
-    profanity.load_censor_words()
-    return profanity
+    checker = Profanity()  # our own instance: its word list is wrapped below
+    checker.CENSOR_WORDSET = _Wordset(checker.CENSOR_WORDSET)
+    return checker
+
+
+class _Wordset(list):
+    """better-profanity's word list with its membership test remembered per string.
+
+    The checker asks ``word in wordset`` for every word of a text (and for runs of
+    following words); each answer compares the string with every listed word's spelling
+    variants, milliseconds a question. The list never changes here, so the answer is a
+    function of the string, and SMC asks about the same words at every step."""
+
+    def __init__(self, words: list[Any]):
+        super().__init__(words)
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str):
+            return list.__contains__(self, word)
+        hit = self._known.get(word)
+        if hit is None:
+            if len(self._known) >= CURSE_CACHE:
+                self._known.clear()
+            hit = self._known[word] = list.__contains__(self, word)
+        return hit
+
+
+#: texts whose curse verdict is kept: SMC asks about every particle's prefix at every step,
+#: and a prefix's complete words mostly repeat between steps and between particles that
+#: share an ancestor (better-profanity takes milliseconds per text, far more than a forward)
+CURSE_CACHE = 1 << 16
+
+
+@functools.lru_cache(maxsize=CURSE_CACHE)
+def _has_curse(text: str) -> bool:
+    return bool(_profanity().contains_profanity(text))
 
 
 def _curse(texts: list[str]) -> list[bool]:
-    checker = _profanity()
-    return [checker.contains_profanity(t) for t in texts]
+    return [_has_curse(t) for t in texts]
 
 
 def _curse_prefix(texts: list[str]) -> list[bool | None]:

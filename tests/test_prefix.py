@@ -148,6 +148,21 @@ def test_curse_sound_over_word_pieces():
     assert dead["bull shit "] and dead["a ss!"] and not dead["bull shit"]
 
 
+def test_curse_answers_as_better_profanity_does():
+    """The remembered word-list answers change nothing: on texts of pieces with spelling
+    variants ("$h1t", "@"), asked twice (the second time from memory), the verdicts are
+    those of a fresh better-profanity checker."""
+    from better_profanity import Profanity
+
+    pieces = ["bull", "shit", " ", "a", "ss", "!", "$h1t", "@", "s"]
+    texts = sorted({"".join(p) for n in range(4) for p in itertools.product(pieces, repeat=n)})
+    fresh = Profanity()
+    want = [fresh.contains_profanity(t) for t in texts]
+    assert any(want) and not all(want)
+    assert curse(texts).tolist() == want
+    assert curse(texts).tolist() == want
+
+
 def test_allowed_next_tokens():
     """The AWRS validity of next tokens: EOS and the last token are judged as finished."""
     lm = ToyLM(vocab="ab")
