@@ -294,13 +294,15 @@ class Trainer:
         per = self.shards // self.world
         return range(self.rank * per, (self.rank + 1) * per)
 
-    def groups(self) -> list[slice]:
-        """The rows of a gathered batch that share a Ẑ and a baseline: every shard (one
-        prompt each) with prompts=, else the whole batch."""
+    def groups(self, sizes: Sequence[int]) -> list[slice]:
+        """The rows of a gathered batch that share a Ẑ and a baseline, given the rows of
+        each shard in order (a sampling engine may return fewer than n, as rejection does
+        at its draw limit): every shard (one prompt each) with prompts=, else the whole
+        batch."""
         if self.conditional:
-            size = self.shard_size
-            return [slice(g * size, (g + 1) * size) for g in range(self.shards)]
-        return [slice(0, self.batch_size)]
+            ends = np.cumsum([0, *sizes]).tolist()
+            return [slice(a, b) for a, b in zip(ends, ends[1:])]
+        return [slice(0, int(sum(sizes)))]
 
     def sampler_target(self, k: int) -> Target:
         """What the sampling engine runs on for prompt k: the model graph, the prior as its
@@ -562,6 +564,13 @@ def _draw_sampler(tr: Trainer, state: State) -> tuple[list[Batch], list[Tensor]]
                 "the variational engine trains on at most n a shard: drop the option that "
                 f"adds samples (sampler_options={tr.sampler_options!r})"
             )
+        if rows < tr.shard_size and tr.world > 1:  # the gather takes equal shards
+            raise KldslInferenceError(
+                f"sampler={tr.sampler!r} returned {rows} of n={tr.shard_size} samples for a "
+                "shard; with several processes every shard must hold n: raise the "
+                "sampler's draw limit (sampler_options={'max_proposals': ...}) or run in "
+                "one process"
+            )
         log_w = samples.log_weights.double()
         log_p = samples.log_p.double()
         log_s = torch.where(torch.isfinite(log_w), log_p - log_w, torch.zeros_like(log_w))
@@ -641,7 +650,9 @@ def step(tr: Trainer, state: State, *, started: float) -> tuple[State, StepInfo]
     local = torch.cat([b.stack() for b in batches])
     every = local if tr.world == 1 else tr.acc.gather(local.to(tr.acc.device)).cpu()
     cols = Batch.unstack(every, like=batches[-1])
-    groups = tr.groups()
+    # one process: its shards' own sizes; several: every shard holds n (_draw_sampler)
+    sizes = [len(b.log_p) for b in batches] if tr.world == 1 else [tr.shard_size] * tr.shards
+    groups = tr.groups(sizes)
     keys = [int(cols.prompt[g.start]) for g in groups]
     for g, k in zip(groups, keys):  # running Ẑ per prompt, this step's draws included
         state = state.with_weights(k, cols.log_mass[g], draws=round(float(cols.draws[g].sum())))

@@ -19,6 +19,7 @@ import kldsl as kl
 from kldsl.errors import KldslInferenceError, KldslNameError
 from kldsl.estimators import kl_p_r, swap_evidence
 from kldsl.exact_oracle import exact_divergences
+from kldsl.transforms import with_prompt
 
 
 def z_01() -> kl.Model:
@@ -224,6 +225,52 @@ def test_a_sampler_that_finds_no_hit_skips_the_step():
     assert all(r["draws"] == 8 for r in fit.history)
     prior = kl.resolve(model.base())
     assert torch.equal(fit.model.logits.detach(), prior.logits.detach())
+
+
+@pytest.mark.filterwarnings("ignore:rejection sampling stopped at max_proposals")
+def test_short_rejection_shards_keep_each_prompt_its_own_rows():
+    """prompts= with rejection stopped at its draw limit: shards hold fewer than n rows,
+    and each prompt's running Ẑ still gets exactly its own shards' rows and proposals
+    (fixed-size row groups would hand one prompt's rows to the next)."""
+    model = kl.prior(kl.ToyLM(vocab="ab", seed=3), max_tokens=4) | kl.contains("aa")
+    tr = v.setup(
+        kl.Target(model),
+        objective="forward_kl",
+        softened=None,
+        batch_size=32,
+        lr=0.1,
+        lora=None,
+        penalty=10.0,
+        baseline=True,
+        max_grad_norm=None,
+        shards=4,
+        accelerator=None,
+        name=None,
+        prompts=["a", "b"],
+        sampler="rejection",
+        sampler_options={"max_proposals": 8},
+    )
+    state = v.init(tr, torch.Generator().manual_seed(0), lr=0.1, lora=None)
+    prompts = [v._prompt_index(state.base_seed, 0, shard, 2) for shard in range(4)]
+    after, _ = v.step(tr, state, started=0.0)
+    rows = [
+        len(
+            kl.infer(
+                with_prompt(model, tr.prompts[k]),
+                engine="rejection",
+                n=8,
+                seed=v._shard_seed(state.base_seed, 0, shard),
+                batch_size=32,
+                max_proposals=8,
+                progress=False,
+            )
+        )
+        for shard, k in enumerate(prompts)
+    ]
+    assert min(rows) < 8 and len(set(prompts)) == 2  # short shards, both prompts drawn
+    for k in range(2):
+        shards = prompts.count(k)
+        assert after.count[k] == state.count[k] + 8 * shards  # every proposal, no more
 
 
 @pytest.mark.skipif("smc" not in kl.engines(), reason="the smc engine is not registered")

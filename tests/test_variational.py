@@ -404,6 +404,52 @@ torch.distributed.destroy_process_group()
 """
 
 
+SHORT_SHARD_WORKER = """
+import sys, warnings
+import torch
+torch.set_num_threads(1)
+import kldsl as kl
+from accelerate import Accelerator
+
+warnings.simplefilter("ignore")
+acc = Accelerator(cpu=True)
+model = kl.prior(kl.ToyLM(vocab="abc", seed=0), max_tokens=4) | kl.regex("^a")
+try:  # 4 proposals can never fill a shard of 16: each rank's shard comes back short
+    kl.infer(model, engine="variational", objective="forward_kl", sampler="rejection",
+             sampler_options={"max_proposals": 4}, steps=1, batch_size=32, shards=2,
+             accelerator=acc, progress=False)
+except kl.KldslInferenceError as err:
+    with open(f"{sys.argv[1]}.{acc.process_index}", "w") as f:
+        f.write(str(err))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups on POSIX")
+def test_two_processes_refuse_short_shards(tmp_path):
+    """With several processes the gather takes equal shards: a sampler returning fewer
+    than n rows is a clear error on every rank, not a hang in the gather."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torchrun"
+    )
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    script = tmp_path / "worker.py"
+    script.write_text(SHORT_SHARD_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "err")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert "every shard must hold n" in (tmp_path / f"err.{rank}").read_text()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups on POSIX")
 def test_two_processes_agree_with_one(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
