@@ -16,6 +16,7 @@ from kldsl.errors import (
     KldslRewardError,
     KldslSyntaxError,
     KldslTypeError,
+    KldslValueError,
 )
 from kldsl.fit import Fit
 from kldsl.graph import (
@@ -68,6 +69,7 @@ __all__ = [
     "KldslRewardError",
     "KldslSyntaxError",
     "KldslTypeError",
+    "KldslValueError",
     "Model",
     "Moment",
     "MomentCondition",

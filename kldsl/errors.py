@@ -100,6 +100,10 @@ class KldslNoSupportError(KldslInferenceError):
     sample to return (a fine-tuning step that draws with the engine skips its update)."""
 
 
+class KldslValueError(KldslError, ValueError):
+    """A value kldsl was given is outside what it takes (a prompt a ToyLM cannot spell, ...)."""
+
+
 class KldslRewardError(KldslError, ValueError):
     """A reward or constraint raised, returned NaN, or returned the wrong number of values."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kldsl.errors import KldslInferenceError
+from kldsl.errors import KldslInferenceError, KldslValueError
 
 Ids = list[int]
 
@@ -501,7 +501,9 @@ class ToyLM(torch.nn.Module, LM):
             return [self.chars.index(c) + 1 for c in text]
         except ValueError:
             bad = next(c for c in text if c not in self.chars)
-            raise ValueError(f"{bad!r} is not in this ToyLM's vocabulary {self.chars!r}") from None
+            raise KldslValueError(
+                f"{bad!r} is not in this ToyLM's vocabulary {self.chars!r}"
+            ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i - 1] for i in ids if i != self.eos_id)

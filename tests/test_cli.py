@@ -49,6 +49,15 @@ def _toy_folder_model(tmp_path: Path) -> Path:
     return path
 
 
+def test_a_prompt_the_model_cannot_spell_is_one_error_line(tmp_path, capsys):
+    folder = _toy_folder_model(tmp_path).parent / "toy"
+    path = tmp_path / "prompt.kl"
+    path.write_text(f'prior("{folder}", prompt="xyz", max_tokens=3)\n')
+    assert main(["sample", str(path), "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 'x' is not in this ToyLM's vocabulary") and "internal" not in err
+
+
 def test_engine_flags_come_from_the_engines_options():
     parser = build_parser()
     args = parser.parse_args(["sample", "m.kl", "--engine", "mcmc", "--chains", "2"])

@@ -56,7 +56,7 @@ def test_toylm_encode_decode_and_text():
     lm = kl.ToyLM(vocab="xy")
     assert lm.encode("xyx") == [1, 2, 1]
     assert lm.text([1, 2, 0]) == "xy"
-    with pytest.raises(ValueError, match="not in this ToyLM's vocabulary"):
+    with pytest.raises(kl.KldslValueError, match="not in this ToyLM's vocabulary"):
         lm.encode("z")
 
 
