@@ -136,7 +136,6 @@ class _Masses:
         self.probs = torch.exp(log_q - self.shift)
         self.cum = torch.cumsum(self.probs, 0)
         self.total = float(self.cum[-1]) if len(self.cum) else 0.0
-        self.alive = int((self.probs > 0).sum())
 
 
 class _Rest:
@@ -151,12 +150,13 @@ class _Rest:
         self._build()
 
     def _build(self) -> None:
-        probs = self.q.probs
         if self.removed:
-            probs = probs.clone()
+            probs = self.q.probs.clone()
             probs[list(self.removed)] = 0.0
-        self.cum = torch.cumsum(probs, 0)
-        self.total = float(self.cum[-1]) if len(self.cum) else 0.0
+            self.cum = torch.cumsum(probs, 0)
+            self.total = float(self.cum[-1])
+        else:
+            self.cum, self.total = self.q.cum, self.q.total
         self.stale = 0.0  # the mass removed since the build
 
     def remove(self, token: int) -> None:
