@@ -84,27 +84,30 @@ def test_defaults_bring_pi_closer_to_p_star_at_small_z(objective, sampler, targe
     assert fit.info["sampler"] == sampler
 
 
+def _trainer(model: kl.Model, **options) -> v.Trainer:
+    """A forward-KL trainer that draws with the rejection engine (``options`` override)."""
+    settings = {
+        "objective": "forward_kl",
+        "softened": None,
+        "lora": None,
+        "penalty": 10.0,
+        "baseline": True,
+        "max_grad_norm": None,
+        "shards": None,
+        "accelerator": None,
+        "name": None,
+        "prompts": None,
+        "sampler": "rejection",
+        **options,
+    }
+    return v.setup(kl.Target(model), **settings)
+
+
 def test_training_from_rejection_samples_is_maximum_likelihood_on_them():
     """With exact samples of p* the weights are equal, the forward-KL coefficient is 1, and
     the step's gradient is that of −mean log π(x_i) on the rejection engine's samples."""
     model = z_01()
-    target = kl.Target(model)
-    tr = v.setup(
-        target,
-        objective="forward_kl",
-        softened=None,
-        batch_size=16,
-        lr=1.0,
-        lora=None,
-        penalty=10.0,
-        baseline=True,
-        max_grad_norm=None,
-        shards=None,
-        accelerator=None,
-        name=None,
-        prompts=None,
-        sampler="rejection",
-    )
+    tr = _trainer(model, batch_size=16, lr=1.0)
     state = v.init(tr, torch.Generator().manual_seed(0), lr=1.0, lora=None)
     params = list(tr.pi_params.values())
     tr.optimizer = torch.optim.SGD(params, lr=1.0)  # θ' = θ − ∇: the step shows its gradient
@@ -233,21 +236,12 @@ def test_short_rejection_shards_keep_each_prompt_its_own_rows():
     and each prompt's running Ẑ still gets exactly its own shards' rows and proposals
     (fixed-size row groups would hand one prompt's rows to the next)."""
     model = kl.prior(kl.ToyLM(vocab="ab", seed=3), max_tokens=4) | kl.contains("aa")
-    tr = v.setup(
-        kl.Target(model),
-        objective="forward_kl",
-        softened=None,
+    tr = _trainer(
+        model,
         batch_size=32,
         lr=0.1,
-        lora=None,
-        penalty=10.0,
-        baseline=True,
-        max_grad_norm=None,
         shards=4,
-        accelerator=None,
-        name=None,
         prompts=["a", "b"],
-        sampler="rejection",
         sampler_options={"max_proposals": 8},
     )
     state = v.init(tr, torch.Generator().manual_seed(0), lr=0.1, lora=None)

@@ -404,6 +404,27 @@ torch.distributed.destroy_process_group()
 """
 
 
+def _two_processes(tmp_path: Path, script: str, *args: str) -> None:
+    """Run ``script`` in two gloo processes under torchrun (skips without torchrun)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torchrun"
+    )
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 SHORT_SHARD_WORKER = """
 import sys, warnings
 import torch
@@ -429,47 +450,15 @@ torch.distributed.destroy_process_group()
 def test_two_processes_refuse_short_shards(tmp_path):
     """With several processes the gather takes equal shards: a sampler returning fewer
     than n rows is a clear error on every rank, not a hang in the gather."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
-        "torchrun"
-    )
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
-    script = tmp_path / "worker.py"
-    script.write_text(SHORT_SHARD_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "err")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _two_processes(tmp_path, SHORT_SHARD_WORKER, str(tmp_path / "err"))
     for rank in (0, 1):
         assert "every shard must hold n" in (tmp_path / f"err.{rank}").read_text()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups on POSIX")
 def test_two_processes_agree_with_one(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
-        "torchrun"
-    )
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     out = tmp_path / "two.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), "forward_kl", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _two_processes(tmp_path, WORKER, "forward_kl", str(out))
     two = json.loads(out.read_text())
     assert two["processes"] == 2
     model = kl.prior(kl.ToyLM(vocab="abc", seed=0), max_tokens=4) | kl.regex("^a")
