@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from kldsl import weights
-from kldsl.awrs import awrs
+from kldsl.awrs import awrs, check_hits
 from kldsl.chains import chain_summary
 from kldsl.density import Batch, factors_of, full_values, unknown_node
 from kldsl.errors import KldslError, KldslInferenceError
@@ -184,8 +184,7 @@ def check_options(
         raise KldslError(
             f"token_sampler must be one of {', '.join(TOKEN_SAMPLERS)}, got {token_sampler!r}"
         )
-    if isinstance(awrs_hits, bool) or not isinstance(awrs_hits, int) or awrs_hits < 2:
-        raise KldslError(f"awrs_hits must be an integer ≥ 2, got {awrs_hits!r}")
+    check_hits(awrs_hits, "awrs_hits")
 
 
 def genealogy_rel_var(

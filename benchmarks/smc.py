@@ -12,8 +12,8 @@ for particles that died or finished).
    token forwards. Targets: awrs keeps every final particle valid; log Ẑ spread (max − min
    over seeds) of smc awrs below 1 nat at n = 64.
 2. flagship ``* exp(sentiment / 0.2) | not curse``: smc with and without ``twist="prefix"``
-   (resampling at ESS < n/2, and at every step: ``ess_threshold=1``) and importance — ESS per 1,000 token forwards and the posterior mean sentiment with its
-   spread over seeds. Target: smc ≥ 3× importance's ESS per token forward.
+   (resampling at ESS < n/2, and at every step: ``ess_threshold=1``) and importance — ESS
+   per 1,000 token forwards and the posterior mean sentiment with its spread over seeds. Target: smc ≥ 3× importance's ESS per token forward.
 3. ``| contains("Paris")``: smc with the prior as proposal, and with benchmark 3's
    fine-tuned π when one is saved (the newest ``results/paris_fit*``).
 4. speed: smc direct with 64 particles against importance sampling of 64 sequences on the

@@ -62,6 +62,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kldsl.errors import KldslValueError
+
 #: The largest batch of draws taken at once (batches double from ``hits``).
 MAX_BATCH = 4096
 
@@ -84,8 +86,7 @@ def awrs(
     (a token whose probability underflows float64 next to the likeliest one, below
     e^-745 of it, counts as probability zero).
     """
-    if isinstance(hits, bool) or not isinstance(hits, int) or hits < 2:
-        raise ValueError(f"awrs() needs hits ≥ 2 (an integer); got {hits!r}")
+    check_hits(hits)
     log_q = log_q.detach().double().cpu().reshape(-1)
     if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
         raise ValueError("awrs() takes log-probabilities: log_q holds NaN or +inf")
@@ -125,6 +126,20 @@ def awrs(
                 break
         size = min(2 * size, MAX_BATCH)
     return first, _log_weight(q, removals, hits), checks
+
+
+def check_hits(hits: object, name: str = "hits") -> None:
+    """Raise a :class:`~kldsl.errors.KldslValueError` unless ``hits`` is an integer ≥ 2.
+
+    Example:
+        >>> check_hits(32)
+        >>> check_hits(1)
+        Traceback (most recent call last):
+        ...
+        kldsl.errors.KldslValueError: hits must be an integer ≥ 2, got 1
+    """
+    if isinstance(hits, bool) or not isinstance(hits, int) or hits < 2:
+        raise KldslValueError(f"{name} must be an integer ≥ 2, got {hits!r}")
 
 
 class _Masses:

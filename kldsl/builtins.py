@@ -64,6 +64,9 @@ class _Wordset(list):
     variants, milliseconds a question. The list never changes here, so the answer is a
     function of the string, and SMC asks about the same words at every step."""
 
+    #: strings whose answer is kept (the memory is emptied when it holds more)
+    KEPT = 1 << 16
+
     def __init__(self, words: list[Any]):
         super().__init__(words)
         self._known: dict[str, bool] = {}
@@ -73,25 +76,15 @@ class _Wordset(list):
             return list.__contains__(self, word)
         hit = self._known.get(word)
         if hit is None:
-            if len(self._known) >= CURSE_CACHE:
+            if len(self._known) >= self.KEPT:
                 self._known.clear()
             hit = self._known[word] = list.__contains__(self, word)
         return hit
 
 
-#: texts whose curse verdict is kept: SMC asks about every particle's prefix at every step,
-#: and a prefix's complete words mostly repeat between steps and between particles that
-#: share an ancestor (better-profanity takes milliseconds per text, far more than a forward)
-CURSE_CACHE = 1 << 16
-
-
-@functools.lru_cache(maxsize=CURSE_CACHE)
-def _has_curse(text: str) -> bool:
-    return bool(_profanity().contains_profanity(text))
-
-
 def _curse(texts: list[str]) -> list[bool]:
-    return [_has_curse(t) for t in texts]
+    checker = _profanity()
+    return [checker.contains_profanity(t) for t in texts]
 
 
 def _curse_prefix(texts: list[str]) -> list[bool | None]:

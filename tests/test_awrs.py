@@ -225,7 +225,7 @@ def test_bad_log_q_is_an_error():
 
 @pytest.mark.parametrize("hits", [1, 0, 2.0, True])
 def test_bad_hits_is_an_error(hits):
-    with pytest.raises(ValueError, match="hits ≥ 2"):
+    with pytest.raises(ValueError, match="hits must be an integer ≥ 2"):
         awrs(torch.zeros(3), lambda t: t >= 0, torch.Generator().manual_seed(0), hits)
 
 
